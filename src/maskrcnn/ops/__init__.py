@@ -1,1 +1,11 @@
-"""ops"""
+"""The operators Mask R-CNN is built from, written here: RoIAlign, RoIPool, NMS, box coding,
+box arithmetic and mask pasting."""
+
+from maskrcnn.ops.box_coder import decode, encode
+from maskrcnn.ops.boxes import box_area, box_iou, clip_boxes, remove_small_boxes
+from maskrcnn.ops.nms import batched_nms, nms
+from maskrcnn.ops.paste import paste_masks
+from maskrcnn.ops.roi_align import RoIAlign, roi_align
+
+__all__ = ["decode", "encode", "box_area", "box_iou", "clip_boxes", "remove_small_boxes",
+           "batched_nms", "nms", "paste_masks", "RoIAlign", "roi_align"]

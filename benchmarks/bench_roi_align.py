@@ -1,0 +1,76 @@
+"""RoIAlign forward and forward+backward: ours against torchvision's C++ kernel, side by side.
+
+    python benchmarks/bench_roi_align.py [--threads 2] [--repeats 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torchvision.ops
+
+from maskrcnn.ops import roi_align
+
+WORKLOADS = [
+    # (name, rois, channels, feature (H, W), output, spatial scale, sampling ratio, aligned)
+    ("512 RoIs, 256 ch, 7x7 (box head)", 512, 256, (200, 272), 7, 0.25, 2, False),
+    ("128 RoIs, 256 ch, 14x14 (mask head)", 128, 256, (200, 272), 14, 0.25, 2, False),
+    ("512 RoIs, 256 ch, 7x7, aligned, adaptive", 512, 256, (100, 136), 7, 0.125, 0, True),
+]
+
+
+def make_rois(n: int, image_hw: tuple[int, int], g: torch.Generator) -> torch.Tensor:
+    h, w = image_hw
+    xy = torch.rand(n, 2, generator=g) * torch.tensor([w * 0.8, h * 0.8])
+    wh = 8 + torch.rand(n, 2, generator=g) * torch.tensor([w * 0.2, h * 0.2])
+    return torch.cat([torch.zeros(n, 1), xy, xy + wh], 1)
+
+
+def timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, {args.threads} threads, "
+          f"median of {args.repeats}")
+    print(f"{'workload':44s} {'pass':10s} {'ours ms':>9s} {'tv ms':>9s} {'ratio':>7s}")
+    for name, n, c, (fh, fw), out, scale, ratio, aligned in WORKLOADS:
+        feature = torch.randn(1, c, fh, fw, generator=g, requires_grad=True)
+        rois = make_rois(n, (fh / scale, fw / scale), g)
+        grad = torch.randn(n, c, out, out, generator=g)
+
+        def run(op, backward):
+            def step():
+                y = op(feature, rois, out, scale, ratio, aligned)
+                if backward:
+                    y.backward(grad)
+                    feature.grad = None
+            return step
+
+        for label, backward in (("fwd", False), ("fwd+bwd", True)):
+            ours_fn, tv_fn = run(roi_align, backward), run(torchvision.ops.roi_align, backward)
+            ours_fn(), tv_fn()  # warm up
+            ours, tv = [], []
+            for _ in range(args.repeats):  # alternate so both see the same machine state
+                ours.append(timed(ours_fn, 1))
+                tv.append(timed(tv_fn, 1))
+            a, b = statistics.median(ours), statistics.median(tv)
+            print(f"{name:44s} {label:10s} {a * 1e3:9.1f} {b * 1e3:9.1f} {a / b:6.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Box regression parameterisation (R-CNN): deltas of a target box relative to a reference box.
+
+Weights scale the deltas: (1, 1, 1, 1) for the RPN, (10, 10, 5, 5) for the box head (SPEC §1.10).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+SCALE_CLAMP = math.log(1000.0 / 16)  # keeps exp() finite for wild predictions
+
+
+def encode(reference: Tensor, target: Tensor, weights: tuple[float, ...]) -> Tensor:
+    """Deltas (N, 4) that turn ``reference`` (N, 4) boxes into ``target`` (N, 4) boxes.
+
+    >>> encode(torch.tensor([[0., 0., 10., 10.]]), torch.tensor([[1., 0., 11., 10.]]), (1, 1, 1, 1))
+    tensor([[0.1000, 0.0000, 0.0000, 0.0000]])
+    """
+    wx, wy, ww, wh = weights
+    rw = reference[:, 2] - reference[:, 0]
+    rh = reference[:, 3] - reference[:, 1]
+    rx = reference[:, 0] + 0.5 * rw
+    ry = reference[:, 1] + 0.5 * rh
+    tw = target[:, 2] - target[:, 0]
+    th = target[:, 3] - target[:, 1]
+    tx = target[:, 0] + 0.5 * tw
+    ty = target[:, 1] + 0.5 * th
+    return torch.stack([wx * (tx - rx) / rw, wy * (ty - ry) / rh,
+                        ww * torch.log(tw / rw), wh * torch.log(th / rh)], dim=1)
+
+
+def decode(deltas: Tensor, reference: Tensor, weights: tuple[float, ...],
+           clamp: float = SCALE_CLAMP) -> Tensor:
+    """Boxes from deltas: (N, 4C) deltas on (N, 4) references -> (N, 4C) boxes.
+
+    The log-size deltas are clamped at ``log(1000 / 16)`` after removing the weights.
+    """
+    wx, wy, ww, wh = weights
+    reference = reference.to(deltas.dtype)
+    w = (reference[:, 2] - reference[:, 0])[:, None]
+    h = (reference[:, 3] - reference[:, 1])[:, None]
+    cx = reference[:, 0, None] + 0.5 * w
+    cy = reference[:, 1, None] + 0.5 * h
+    dx, dy = deltas[:, 0::4] / wx, deltas[:, 1::4] / wy
+    dw = (deltas[:, 2::4] / ww).clamp(max=clamp)
+    dh = (deltas[:, 3::4] / wh).clamp(max=clamp)
+    px, py = dx * w + cx, dy * h + cy
+    half_w, half_h = 0.5 * torch.exp(dw) * w, 0.5 * torch.exp(dh) * h
+    return torch.stack([px - half_w, py - half_h, px + half_w, py + half_h], dim=2).flatten(1)
