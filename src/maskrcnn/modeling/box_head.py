@@ -1,0 +1,79 @@
+"""The Fast R-CNN box branch: 2 x FC 1024, classification and class-specific regression (SPEC §1.8, §2.3, §3)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from maskrcnn.ops import batched_nms, clip_boxes, decode, remove_small_boxes
+
+
+class BoxHead(nn.Module):
+    """(R, C, S, S) pooled features -> FC -> ReLU -> FC -> ReLU -> (R, fc_dim)."""
+
+    def __init__(self, in_features: int, fc_dim: int = 1024):
+        super().__init__()
+        self.fc6 = nn.Linear(in_features, fc_dim)
+        self.fc7 = nn.Linear(fc_dim, fc_dim)
+        self.out_features = fc_dim
+        for fc in (self.fc6, self.fc7):
+            nn.init.kaiming_uniform_(fc.weight, a=1)
+            nn.init.zeros_(fc.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.fc7(F.relu(self.fc6(x.flatten(1)))))
+
+
+class BoxPredictor(nn.Module):
+    """Class logits (R, K + 1), background first, and class-specific deltas (R, 4K)."""
+
+    def __init__(self, in_features: int, num_classes: int):
+        super().__init__()
+        self.cls_score = nn.Linear(in_features, num_classes + 1)
+        self.bbox_pred = nn.Linear(in_features, 4 * num_classes)
+        nn.init.normal_(self.cls_score.weight, std=0.01)
+        nn.init.normal_(self.bbox_pred.weight, std=0.001)
+        nn.init.zeros_(self.cls_score.bias)
+        nn.init.zeros_(self.bbox_pred.bias)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = x.flatten(1)
+        return self.cls_score(x), self.bbox_pred(x)
+
+
+def box_losses(class_logits: Tensor, deltas: Tensor, labels: Tensor, target_deltas: Tensor,
+               beta: float) -> dict[str, Tensor]:
+    """Softmax CE averaged over sampled RoIs; box loss on foreground RoIs' own class deltas,
+    summed and divided by the number of sampled RoIs (SPEC §2.3).
+
+    class_logits (R, K+1), deltas (R, 4K), labels (R,) in 0..K, target_deltas (R, 4).
+    """
+    cls = F.cross_entropy(class_logits, labels)
+    fg = torch.nonzero(labels > 0).squeeze(1)
+    fg_deltas = deltas.view(deltas.shape[0], -1, 4)[fg, labels[fg] - 1]
+    box = F.smooth_l1_loss(fg_deltas, target_deltas[fg], beta=beta, reduction="sum")
+    return {"loss_classifier": cls, "loss_box_reg": box / max(1, labels.numel())}
+
+
+def detect(class_logits: Tensor, deltas: Tensor, proposals: Tensor, image_hw: tuple[int, int], *,
+           weights: tuple[float, ...], score_thresh: float, nms_thresh: float, topk: int,
+           min_size: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Final detections of one image (SPEC §3 step 3).
+
+    class_logits (R, K+1), deltas (R, 4K), proposals (R, 4). Every (proposal, class) pair gets
+    its own decoded box; pairs scoring above ``score_thresh`` go through per-class NMS and the
+    best ``topk`` remain. Returns boxes (D, 4), scores (D,), labels (D,) in 1..K.
+    """
+    num_classes = class_logits.shape[1] - 1
+    boxes = decode(deltas, proposals, weights).view(-1, num_classes, 4)
+    boxes = clip_boxes(boxes, image_hw).reshape(-1, 4)
+    scores = F.softmax(class_logits, -1)[:, 1:].reshape(-1)
+    labels = torch.arange(1, num_classes + 1, device=scores.device).repeat(class_logits.shape[0])
+    keep = torch.nonzero(scores > score_thresh).squeeze(1)
+    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+    if min_size > 0:
+        keep = remove_small_boxes(boxes, min_size)
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+    keep = batched_nms(boxes, scores, labels, nms_thresh)[:topk]
+    return boxes[keep], scores[keep], labels[keep]

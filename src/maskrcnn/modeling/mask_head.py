@@ -1,0 +1,77 @@
+"""The mask branch: a small FCN predicting K binary m x m masks per RoI (SPEC §1.9, §2.4)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from maskrcnn.ops import roi_align
+
+
+class MaskHead(nn.Module):
+    """(R, C, S, S) -> n x [3x3 conv, ReLU] -> 2x2 deconv stride 2, ReLU -> 1x1 -> (R, K, 2S, 2S).
+
+    FPN: S = 14 and four 256-d convs; C4: S = 7 res5 features, no convs (SPEC §5.1).
+
+    Fully convolutional: no FC layer, so every output pixel keeps its spatial meaning. One
+    channel per foreground class; label l (1..K) uses channel l - 1.
+    """
+
+    def __init__(self, in_channels: int, conv_dims: tuple[int, ...], num_classes: int,
+                 deconv_dim: int | None = None):
+        super().__init__()
+        convs, c = [], in_channels
+        for dim in conv_dims:
+            convs.append(nn.Conv2d(c, dim, 3, padding=1))
+            c = dim
+        self.convs = nn.ModuleList(convs)
+        deconv_dim = deconv_dim or c
+        self.deconv = nn.ConvTranspose2d(c, deconv_dim, 2, stride=2)
+        self.predictor = nn.Conv2d(deconv_dim, num_classes, 1)
+        for m in [*self.convs, self.deconv]:
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+        nn.init.normal_(self.predictor.weight, std=0.001)
+        nn.init.zeros_(self.predictor.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for conv in self.convs:
+            x = F.relu(conv(x))
+        return self.predictor(F.relu(self.deconv(x)))
+
+
+def mask_targets(gt_masks, boxes: Tensor, matched: Tensor, size: int, mode: str) -> Tensor:
+    """The part of each RoI's matched GT mask inside the RoI, resampled to (R, size, size).
+
+    ``gt_masks``: a compact mask structure with ``crop_and_resize`` (binary targets) or an
+    (G, H, W) tensor. For a tensor, ``mode="roi_align_soft"`` gives torchvision's soft targets
+    (legacy RoIAlign, adaptive sampling, no threshold) and ``mode="binary"`` thresholds aligned
+    RoIAlign at 0.5. ``boxes`` (R, 4) are in the masks' pixel coordinates; ``matched`` (R,).
+    """
+    if boxes.shape[0] == 0:
+        return boxes.new_zeros((0, size, size))
+    if not isinstance(gt_masks, Tensor):
+        return gt_masks[matched].crop_and_resize(boxes, size).to(boxes)
+    rois = torch.cat([matched.to(boxes)[:, None], boxes], 1)
+    masks = gt_masks[:, None].to(boxes)
+    if mode == "roi_align_soft":
+        return roi_align(masks, rois, size, 1.0, -1, False)[:, 0]
+    return (roi_align(masks, rois, size, 1.0, 0, True)[:, 0] >= 0.5).to(boxes)
+
+
+def mask_loss(mask_logits: Tensor, labels: Tensor, targets: Tensor) -> Tensor:
+    """Per-pixel sigmoid BCE on the GT class channel only, mean over pixels of positive RoIs.
+
+    mask_logits (R, K, m, m), labels (R,) in 1..K, targets (R, m, m) in [0, 1].
+    """
+    if targets.numel() == 0:
+        return mask_logits.sum() * 0  # keeps the graph whole when a batch has no positives
+    logits = mask_logits[torch.arange(labels.shape[0], device=labels.device), labels - 1]
+    return F.binary_cross_entropy_with_logits(logits, targets)
+
+
+def mask_probabilities(mask_logits: Tensor, labels: Tensor) -> Tensor:
+    """Sigmoid of the predicted class's channel: (R, K, m, m) -> (R, m, m)."""
+    idx = torch.arange(labels.shape[0], device=labels.device)
+    return mask_logits[idx, labels - 1].sigmoid()

@@ -1,0 +1,150 @@
+"""Mask R-CNN: backbone -> RPN -> RoI heads (box + mask), and ``build_model`` wiring it from a config.
+
+Train mode: ``model(images, targets)`` returns the five losses (SPEC §2.5).
+Eval mode: ``model(images)`` returns per image boxes, labels, scores and masks in the input's pixels.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from maskrcnn.config import ModelConfig
+from maskrcnn.modeling.anchors import AnchorGenerator
+from maskrcnn.modeling.box_head import BoxHead, BoxPredictor
+from maskrcnn.modeling.fpn import FPN
+from maskrcnn.modeling.mask_head import MaskHead
+from maskrcnn.modeling.poolers import MultiLevelRoIAlign
+from maskrcnn.modeling.resnet import BLOCKS, ResNet, make_stage
+from maskrcnn.modeling.roi_heads import RoIHeads
+from maskrcnn.modeling.rpn import RPN, RPNHead
+from maskrcnn.modeling.transform import postprocess, preprocess
+
+FPN_STRIDES = (4, 8, 16, 32)
+
+
+class Backbone(nn.Module):
+    """ResNet body, plus FPN when given. Returns the maps the RPN uses; the RoI heads use
+    the first ``num_roi_levels`` of them (P2-P5 with FPN, C4 without)."""
+
+    def __init__(self, body: ResNet, fpn: FPN | None):
+        super().__init__()
+        self.body, self.fpn = body, fpn
+        self.out_channels = fpn.out_channels if fpn is not None else body.out_channels[-1]
+        self.num_roi_levels = 4 if fpn is not None else 1
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        c = self.body(x)
+        return self.fpn(c) if self.fpn is not None else [c[-1]]
+
+
+class MaskRCNN(nn.Module):
+    def __init__(self, *, backbone: Backbone, rpn: RPN, roi_heads: RoIHeads, config: ModelConfig):
+        super().__init__()
+        self.backbone, self.rpn, self.roi_heads = backbone, rpn, roi_heads
+        self.config = config
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.roi_heads.num_classes
+
+    def forward(self, images: list[Tensor], targets: list[dict] | None = None):
+        """images: list of (3, H_i, W_i) RGB, uint8 or float in [0, 1].
+
+        targets (train mode): per image ``boxes`` (G, 4) xyxy in image pixels, ``labels`` (G,)
+        in 1..K and ``masks``: a compact mask structure or a (G, H, W) tensor.
+        """
+        if self.training:
+            if targets is None:
+                raise ValueError("in train mode the model needs targets; call model.eval() to predict")
+            check_targets(targets)
+        batch, targets, mask_scales = preprocess(images, targets, self.config.input, self.training)
+        features = self.backbone(batch.tensor)
+        padded_hw = tuple(batch.tensor.shape[-2:])
+        gt_boxes = [t["boxes"] for t in targets] if self.training else None
+        proposals, losses = self.rpn(features, padded_hw, batch.image_sizes, gt_boxes)
+        roi_features = features[: self.backbone.num_roi_levels]
+        if self.training:
+            losses.update(self.roi_heads.forward_train(roi_features, proposals, targets, mask_scales))
+            return losses
+        results = self.roi_heads.forward_test(roi_features, proposals, batch.image_sizes)
+        cfg = self.config.roi_heads
+        return postprocess(results, batch.image_sizes, [tuple(im.shape[-2:]) for im in images],
+                           paste=cfg.paste, threshold=cfg.mask_threshold)
+
+
+def check_targets(targets: list[dict]) -> None:
+    """Reject boxes the losses cannot use, naming the image, before they turn into NaNs."""
+    for i, t in enumerate(targets):
+        boxes = t["boxes"]
+        if boxes.dim() != 2 or boxes.shape[-1] != 4:
+            raise ValueError(f"target {i}: boxes must have shape (N, 4), got {tuple(boxes.shape)}")
+        bad = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+        if bad.any():
+            box = boxes[bad.nonzero()[0, 0]].tolist()
+            raise ValueError(f"target {i}: box {box} has non-positive width or height; boxes are "
+                             "(x1, y1, x2, y2) in pixels (convert COCO [x, y, w, h] first)")
+
+
+def build_model(cfg: ModelConfig) -> MaskRCNN:
+    """Assemble Mask R-CNN from a model config.
+
+    >>> from maskrcnn.config import small_cpu_model
+    >>> model = build_model(small_cpu_model(num_classes=3))
+    >>> model.roi_heads.box_predictor.cls_score.out_features
+    4
+    """
+    b, r, h = cfg.backbone, cfg.rpn, cfg.roi_heads
+    body = ResNet(depth=b.depth, groups=b.groups, width_per_group=b.width_per_group,
+                  stride_in_1x1=b.stride_in_1x1, norm=b.norm, eps=b.norm_eps,
+                  freeze_at=b.freeze_at, with_res5=b.fpn)
+    if b.fpn:
+        backbone = Backbone(body, FPN(body.out_channels, b.fpn_channels))
+        anchor_sizes = [(s,) for s in r.anchor_sizes]
+    else:
+        backbone = Backbone(body, None)
+        anchor_sizes = [tuple(r.anchor_sizes)]  # C4: every size on the one stride-16 map
+    anchors = AnchorGenerator(anchor_sizes, r.aspect_ratios, r.anchor_round)
+    rpn = RPN(head=RPNHead(backbone.out_channels, anchors.num_anchors), anchors=anchors,
+              fg_iou=r.fg_iou, bg_iou=r.bg_iou, batch_size_per_image=r.batch_size_per_image,
+              positive_fraction=r.positive_fraction,
+              pre_nms_topk=(r.pre_nms_topk_train, r.pre_nms_topk_test),
+              post_nms_topk=(r.post_nms_topk_train, r.post_nms_topk_test),
+              nms_thresh=r.nms_thresh, min_size=r.min_size, smooth_l1_beta=r.smooth_l1_beta,
+              loss_norm=r.loss_norm)
+    return MaskRCNN(backbone=backbone, rpn=rpn, roi_heads=_build_roi_heads(cfg, backbone),
+                    config=cfg)
+
+
+def _build_roi_heads(cfg: ModelConfig, backbone: Backbone) -> RoIHeads:
+    b, h = cfg.backbone, cfg.roi_heads
+    pool = dict(sampling_ratio=h.pooler_sampling_ratio, aligned=h.pooler_aligned)
+    if b.fpn:
+        c = backbone.out_channels
+        res5 = None
+        box_pooler = MultiLevelRoIAlign(output_size=h.box_pooler_resolution, strides=FPN_STRIDES, **pool)
+        mask_pooler = MultiLevelRoIAlign(output_size=h.mask_pooler_resolution, strides=FPN_STRIDES, **pool)
+        box_head = BoxHead(c * h.box_pooler_resolution**2, h.box_fc_dim)
+        mask_head = MaskHead(c, h.mask_conv_dims, h.num_classes)
+    else:
+        # C4 (SPEC §5.1): pool 14x14 from C4, run res5 (stride 2) -> 7x7, shared by both branches.
+        block, counts = BLOCKS[b.depth]
+        kw = dict(norm=b.norm, eps=b.norm_eps)
+        if b.depth >= 50:
+            kw.update(groups=b.groups, stride_in_1x1=b.stride_in_1x1)
+            if b.groups > 1 or b.width_per_group != 64:
+                kw["group_width"] = b.width_per_group * 8
+        res5 = make_stage(block, backbone.out_channels, 512, counts[3], 2, **kw)
+        c = 512 * block.expansion
+        box_pooler = MultiLevelRoIAlign(output_size=h.mask_pooler_resolution, strides=(16,), **pool)
+        mask_pooler = None
+        box_head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        box_head.out_features = c
+        mask_head = MaskHead(c, (), h.num_classes, deconv_dim=256)
+    return RoIHeads(
+        box_pooler=box_pooler, box_head=box_head,
+        box_predictor=BoxPredictor(box_head.out_features, h.num_classes),
+        mask_pooler=mask_pooler, mask_head=mask_head, res5=res5, fg_iou=h.fg_iou,
+        batch_size_per_image=h.batch_size_per_image, positive_fraction=h.positive_fraction,
+        box_reg_weights=h.box_reg_weights, smooth_l1_beta=h.smooth_l1_beta,
+        mask_target=h.mask_target, score_thresh=h.score_thresh, nms_thresh=h.nms_thresh,
+        detections_per_img=h.detections_per_img, min_box_size=h.min_box_size)

@@ -1,0 +1,58 @@
+"""RoI feature extraction from the pyramid: each box pools from one level (SPEC §1.7)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from maskrcnn.ops import box_area, roi_align
+
+
+def assign_levels(boxes: Tensor, min_level: int, max_level: int, canonical_size: float = 224.0,
+                  canonical_level: int = 4, eps: float = 1e-6) -> Tensor:
+    """FPN level per box, ``floor(4 + log2(sqrt(area) / 224))`` clamped to [min, max]: (R,) int64.
+
+    >>> assign_levels(torch.tensor([[0., 0., 224., 224.], [0., 0., 20., 20.]]), 2, 5)
+    tensor([4, 2])
+    """
+    size = box_area(boxes).sqrt()
+    level = torch.floor(canonical_level + torch.log2(size / canonical_size) + eps)
+    return level.clamp(min_level, max_level).to(torch.int64)
+
+
+class MultiLevelRoIAlign(nn.Module):
+    """RoIAlign of each box on its assigned level.
+
+    ``forward(features, boxes)``: features is the list of maps with the given ``strides``
+    (N, C, H_l, W_l), boxes a list of per-image (R_i, 4) in input pixels.
+    Returns (sum R_i, C, S, S) in the order of the concatenated boxes.
+    """
+
+    def __init__(self, *, output_size: int, strides: tuple[int, ...], sampling_ratio: int,
+                 aligned: bool):
+        super().__init__()
+        self.output_size = output_size
+        self.strides = strides
+        self.sampling_ratio = sampling_ratio
+        self.aligned = aligned
+        self.levels = [int(math.log2(s)) for s in strides]
+
+    def forward(self, features: list[Tensor], boxes: list[Tensor]) -> Tensor:
+        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], 1)
+                          for i, b in enumerate(boxes)])  # (R, 5): batch index, x1, y1, x2, y2
+        first = features[0]
+        if len(features) == 1:
+            return self._pool(first, rois, self.strides[0])
+        out = first.new_zeros((rois.shape[0], first.shape[1], self.output_size, self.output_size))
+        level = assign_levels(rois[:, 1:], self.levels[0], self.levels[-1]) - self.levels[0]
+        for i, (feature, stride) in enumerate(zip(features, self.strides)):
+            idx = torch.nonzero(level == i).squeeze(1)
+            if idx.numel():
+                out[idx] = self._pool(feature, rois[idx], stride).to(out.dtype)
+        return out
+
+    def _pool(self, feature: Tensor, rois: Tensor, stride: int) -> Tensor:
+        return roi_align(feature, rois, self.output_size, 1.0 / stride, self.sampling_ratio,
+                         self.aligned)

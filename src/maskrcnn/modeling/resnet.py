@@ -1,0 +1,190 @@
+"""ResNet / ResNeXt bodies (He et al. 2016; Xie et al. 2017) used as the Mask R-CNN backbone.
+
+The stage outputs C2..C5 have strides 4, 8, 16, 32 (SPEC §1.2). Parameter names follow the
+common ``conv1/bn1/layerN`` layout so ImageNet weights map onto them one to one.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm with fixed statistics and affine parameters: ``y = x * scale + shift``.
+
+    Used when the batch per device is too small for useful statistics (SPEC §1.2).
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def scale_and_shift(self) -> tuple[Tensor, Tensor]:
+        """Per-channel ``(C,)`` scale and shift that this layer applies."""
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        return scale, self.bias - self.running_mean * scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x``: (N, C, H, W) -> (N, C, H, W)."""
+        scale, shift = self.scale_and_shift()
+        return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Weights saved from a trainable BatchNorm carry a counter that has no meaning here.
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def make_norm(kind: str, channels: int, eps: float = 1e-5) -> nn.Module:
+    """``"FrozenBN"``, ``"BN"`` (trainable, batch statistics) or ``"GN"`` (32 groups)."""
+    if kind == "FrozenBN":
+        return FrozenBatchNorm2d(channels, eps)
+    if kind == "BN":
+        return nn.BatchNorm2d(channels, eps=eps)
+    if kind == "GN":
+        return nn.GroupNorm(32, channels, eps=eps)
+    raise ValueError(f"unknown norm {kind!r}; use FrozenBN, BN or GN")
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs (ResNet-18/34)."""
+
+    expansion = 1
+
+    def __init__(self, in_ch: int, width: int, *, stride: int, norm: str, eps: float, **_):
+        super().__init__()
+        out_ch = width * self.expansion
+        self.conv1 = nn.Conv2d(in_ch, width, 3, stride, 1, bias=False)
+        self.bn1 = make_norm(norm, width, eps)
+        self.conv2 = nn.Conv2d(width, out_ch, 3, 1, 1, bias=False)
+        self.bn2 = make_norm(norm, out_ch, eps)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _shortcut(in_ch, out_ch, stride, norm, eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 (grouped for ResNeXt) -> 1x1, with the stride on the 1x1 (MSRA) or 3x3."""
+
+    expansion = 4
+
+    def __init__(self, in_ch: int, width: int, *, stride: int, norm: str, eps: float,
+                 groups: int = 1, group_width: int | None = None, stride_in_1x1: bool = False):
+        super().__init__()
+        out_ch = width * self.expansion
+        inner = group_width * groups if group_width else width
+        s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
+        self.conv1 = nn.Conv2d(in_ch, inner, 1, s1, bias=False)
+        self.bn1 = make_norm(norm, inner, eps)
+        self.conv2 = nn.Conv2d(inner, inner, 3, s3, 1, groups=groups, bias=False)
+        self.bn2 = make_norm(norm, inner, eps)
+        self.conv3 = nn.Conv2d(inner, out_ch, 1, bias=False)
+        self.bn3 = make_norm(norm, out_ch, eps)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _shortcut(in_ch, out_ch, stride, norm, eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + identity)
+
+
+def _shortcut(in_ch: int, out_ch: int, stride: int, norm: str, eps: float) -> nn.Module | None:
+    if stride == 1 and in_ch == out_ch:
+        return None
+    return nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), make_norm(norm, out_ch, eps))
+
+
+BLOCKS = {18: (BasicBlock, [2, 2, 2, 2]), 34: (BasicBlock, [3, 4, 6, 3]),
+          50: (Bottleneck, [3, 4, 6, 3]), 101: (Bottleneck, [3, 4, 23, 3]),
+          152: (Bottleneck, [3, 8, 36, 3])}
+
+
+def make_stage(block: type, in_ch: int, width: int, count: int, stride: int, **kw) -> nn.Sequential:
+    """``count`` blocks; the first carries the stride and the projection shortcut."""
+    layers = []
+    for i in range(count):
+        layers.append(block(in_ch, width, stride=stride if i == 0 else 1, **kw))
+        in_ch = width * block.expansion
+    return nn.Sequential(*layers)
+
+
+class ResNet(nn.Module):
+    """ResNet body returning C2..C5 (or C2..C4 when ``with_res5`` is False, for the C4 model).
+
+    ``freeze_at``: 0 trains everything; 1 freezes the stem; k >= 2 also freezes res2..res_k.
+    """
+
+    def __init__(self, *, depth: int = 50, groups: int = 1, width_per_group: int = 64,
+                 stride_in_1x1: bool = False, norm: str = "FrozenBN", eps: float = 1e-5,
+                 freeze_at: int = 2, with_res5: bool = True):
+        super().__init__()
+        if depth not in BLOCKS:
+            raise ValueError(f"ResNet depth must be one of {sorted(BLOCKS)}, got {depth}")
+        block, counts = BLOCKS[depth]
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = make_norm(norm, 64, eps)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        kw = dict(norm=norm, eps=eps)
+        if block is Bottleneck:
+            # ResNeXt 32x8d: the first stage's grouped conv is 32 * 8 = 256 wide, doubling per stage.
+            kw.update(groups=groups, stride_in_1x1=stride_in_1x1)
+        in_ch, self.out_channels = 64, []
+        for i, count in enumerate(counts if with_res5 else counts[:3]):
+            width = 64 * 2**i
+            if block is Bottleneck and (groups > 1 or width_per_group != 64):
+                kw["group_width"] = width_per_group * 2**i
+            stage = make_stage(block, in_ch, width, count, 1 if i == 0 else 2, **kw)
+            self.add_module(f"layer{i + 1}", stage)
+            in_ch = width * block.expansion
+            self.out_channels.append(in_ch)
+        self.num_stages = len(self.out_channels)
+        self.freeze(freeze_at)
+
+    def freeze(self, freeze_at: int) -> None:
+        """Stop gradients to the stem (``freeze_at >= 1``) and res2..res_k (``freeze_at = k``)."""
+        names = (["conv1", "bn1"] if freeze_at >= 1 else []) + [
+            f"layer{i}" for i in range(1, min(freeze_at, self.num_stages + 1))]
+        for name in names:
+            module = freeze_batchnorm(getattr(self, name))
+            setattr(self, name, module)
+            for p in module.parameters():
+                p.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """``x``: (N, 3, H, W) -> [C2 (N, c2, H/4, W/4), C3 (H/8), C4 (H/16), C5 (H/32)]."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        outputs = []
+        for i in range(1, self.num_stages + 1):
+            x = getattr(self, f"layer{i}")(x)
+            outputs.append(x)
+        return outputs
+
+
+def freeze_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every trainable ``BatchNorm2d`` in ``module`` by a ``FrozenBatchNorm2d`` copy."""
+    if isinstance(module, nn.BatchNorm2d):
+        frozen = FrozenBatchNorm2d(module.num_features, module.eps)
+        if module.affine:
+            frozen.weight.copy_(module.weight.detach())
+            frozen.bias.copy_(module.bias.detach())
+        frozen.running_mean.copy_(module.running_mean)
+        frozen.running_var.copy_(module.running_var)
+        return frozen
+    for name, child in module.named_children():
+        setattr(module, name, freeze_batchnorm(child))
+    return module

@@ -1,0 +1,139 @@
+"""Region Proposal Network (Ren et al. 2015) over the pyramid levels (SPEC §1.5, §2.1)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from maskrcnn.modeling.anchors import AnchorGenerator
+from maskrcnn.modeling.matcher import BETWEEN, match, sample_balanced
+from maskrcnn.ops import batched_nms, box_iou, clip_boxes, decode, encode, remove_small_boxes
+
+
+class RPNHead(nn.Module):
+    """3x3 conv + ReLU shared by all levels, then 1x1 objectness (A) and 1x1 deltas (4A)."""
+
+    def __init__(self, channels: int, num_anchors: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.objectness = nn.Conv2d(channels, num_anchors, 1)
+        self.deltas = nn.Conv2d(channels, 4 * num_anchors, 1)
+        for conv in (self.conv, self.objectness, self.deltas):
+            nn.init.normal_(conv.weight, std=0.01)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, features: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Levels (N, C, H_l, W_l) -> logits (N, sum H_l W_l A), deltas (N, sum H_l W_l A, 4)."""
+        logits, deltas = [], []
+        for x in features:
+            x = F.relu(self.conv(x))
+            n, _, h, w = x.shape
+            logits.append(self.objectness(x).permute(0, 2, 3, 1).reshape(n, -1))
+            d = self.deltas(x).view(n, -1, 4, h, w)  # (N, A, 4, H, W)
+            deltas.append(d.permute(0, 3, 4, 1, 2).reshape(n, -1, 4))
+        return torch.cat(logits, 1), torch.cat(deltas, 1)
+
+
+def select_proposals(boxes: Tensor, logits: Tensor, level_counts: list[int], image_hw: tuple[int, int],
+                     *, pre_nms_topk: int, post_nms_topk: int, nms_thresh: float, min_size: float
+                     ) -> tuple[Tensor, Tensor]:
+    """Proposals of one image from decoded anchors ``boxes`` (P, 4) and ``logits`` (P,).
+
+    Per level keep the top ``pre_nms_topk`` by logit; clip to the image; drop boxes with a side
+    below ``min_size``; NMS per level; keep the best ``post_nms_topk`` overall.
+    Returns boxes (R, 4) and objectness probabilities (R,), sorted by decreasing score.
+    """
+    keep, levels, start = [], [], 0
+    for level, count in enumerate(level_counts):
+        top = logits[start:start + count].topk(min(pre_nms_topk, count)).indices + start
+        keep.append(top)
+        levels.append(torch.full_like(top, level))
+        start += count
+    keep, levels = torch.cat(keep), torch.cat(levels)
+    boxes = clip_boxes(boxes[keep], image_hw)
+    scores = torch.sigmoid(logits[keep])
+    big = remove_small_boxes(boxes, min_size) if min_size > 0 else _non_empty(boxes)
+    boxes, scores, levels = boxes[big], scores[big], levels[big]
+    keep = batched_nms(boxes, scores, levels, nms_thresh)[:post_nms_topk]
+    return boxes[keep], scores[keep]
+
+
+def _non_empty(boxes: Tensor) -> Tensor:
+    return torch.nonzero((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).squeeze(1)
+
+
+def anchor_labels(anchors: Tensor, gt_boxes: Tensor, fg_iou: float, bg_iou: float
+                  ) -> tuple[Tensor, Tensor]:
+    """Objectness labels (P,) float (1 fg, 0 bg, -1 ignored) and matched GT boxes (P, 4)."""
+    if gt_boxes.numel() == 0:
+        return anchors.new_zeros(anchors.shape[0]), torch.zeros_like(anchors)
+    matches = match(box_iou(gt_boxes, anchors), fg_iou, bg_iou, allow_low_quality=True)
+    labels = (matches >= 0).to(anchors.dtype)
+    labels[matches == BETWEEN] = -1.0
+    return labels, gt_boxes[matches.clamp(min=0)]
+
+
+def rpn_losses(logits: Tensor, deltas: Tensor, labels: Tensor, target_deltas: Tensor, *,
+               pos: Tensor, neg: Tensor, beta: float, norm: str, num_images: int,
+               batch_size_per_image: int) -> dict[str, Tensor]:
+    """Objectness BCE on sampled anchors and smooth-L1 (L1 when beta = 0) on sampled positives.
+
+    Inputs are flattened over the batch: logits (P,), deltas (P, 4), labels (P,),
+    target_deltas (P, 4), pos/neg (P,) bool. ``norm="torchvision"``: BCE mean over sampled,
+    box sum / #sampled. ``norm="detectron2"``: both sums / (batch_size_per_image * N).
+    """
+    sampled = pos | neg
+    box = F.smooth_l1_loss(deltas[pos], target_deltas[pos], beta=beta, reduction="sum")
+    if norm == "detectron2":
+        denom = batch_size_per_image * num_images
+        cls = F.binary_cross_entropy_with_logits(logits[sampled], labels[sampled], reduction="sum")
+        return {"loss_objectness": cls / denom, "loss_rpn_box_reg": box / denom}
+    cls = F.binary_cross_entropy_with_logits(logits[sampled], labels[sampled])
+    return {"loss_objectness": cls, "loss_rpn_box_reg": box / max(1, int(sampled.sum()))}
+
+
+class RPN(nn.Module):
+    """Anchors + head + proposal selection, and the RPN losses in training."""
+
+    def __init__(self, *, head: RPNHead, anchors: AnchorGenerator, fg_iou: float, bg_iou: float,
+                 batch_size_per_image: int, positive_fraction: float,
+                 pre_nms_topk: tuple[int, int], post_nms_topk: tuple[int, int],
+                 nms_thresh: float, min_size: float, smooth_l1_beta: float, loss_norm: str):
+        super().__init__()
+        self.head = head
+        self.anchors = anchors
+        self.fg_iou, self.bg_iou = fg_iou, bg_iou
+        self.batch_size_per_image, self.positive_fraction = batch_size_per_image, positive_fraction
+        self.pre_nms_topk, self.post_nms_topk = pre_nms_topk, post_nms_topk  # (train, test)
+        self.nms_thresh, self.min_size = nms_thresh, min_size
+        self.beta, self.loss_norm = smooth_l1_beta, loss_norm
+
+    def forward(self, features: list[Tensor], padded_hw: tuple[int, int],
+                image_sizes: list[tuple[int, int]], gt_boxes: list[Tensor] | None = None
+                ) -> tuple[list[Tensor], dict[str, Tensor]]:
+        """Proposals per image (R_i, 4) in input pixels, and the losses when ``gt_boxes`` is given."""
+        logits, deltas = self.head(features)  # (N, P), (N, P, 4)
+        level_anchors = self.anchors(padded_hw, [f.shape[-2:] for f in features], logits.device)
+        anchors = torch.cat(level_anchors)
+        counts = [a.shape[0] for a in level_anchors]
+        mode = 0 if self.training else 1
+        proposals = []
+        with torch.no_grad():  # proposals are constants for the second stage (SPEC §2.6)
+            boxes = decode(deltas.detach().reshape(-1, 4), anchors.repeat(len(image_sizes), 1),
+                           (1.0, 1.0, 1.0, 1.0)).view(len(image_sizes), -1, 4)
+            for i, hw in enumerate(image_sizes):
+                proposals.append(select_proposals(
+                    boxes[i], logits[i].detach(), counts, hw, pre_nms_topk=self.pre_nms_topk[mode],
+                    post_nms_topk=self.post_nms_topk[mode], nms_thresh=self.nms_thresh,
+                    min_size=self.min_size)[0])
+        if gt_boxes is None:
+            return proposals, {}
+        labels, matched = zip(*(anchor_labels(anchors, g, self.fg_iou, self.bg_iou) for g in gt_boxes))
+        pos, neg = sample_balanced(list(labels), self.batch_size_per_image, self.positive_fraction)
+        targets = torch.cat([encode(anchors, m, (1.0, 1.0, 1.0, 1.0)) for m in matched])
+        losses = rpn_losses(logits.reshape(-1), deltas.reshape(-1, 4), torch.cat(labels), targets,
+                            pos=torch.cat(pos), neg=torch.cat(neg), beta=self.beta,
+                            norm=self.loss_norm, num_images=len(image_sizes),
+                            batch_size_per_image=self.batch_size_per_image)
+        return proposals, losses

@@ -1,0 +1,110 @@
+"""Inside-the-model pre- and post-processing: normalise, resize, pad; rescale and paste (SPEC §3, §4.2).
+
+Callers pass raw RGB images of any size; outputs come back in those images' pixels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from maskrcnn.config import InputConfig
+from maskrcnn.ops import paste_masks
+from maskrcnn.structures.image_list import ImageList
+
+
+def resize_scale(hw: tuple[int, int], short: int, max_size: int) -> float:
+    """Scale that brings the short side to ``short`` unless the long side would exceed ``max_size``."""
+    return min(short / min(hw), max_size / max(hw))
+
+
+def normalize(image: Tensor, cfg: InputConfig) -> Tensor:
+    """(3, H, W) RGB uint8 or float in [0, 1] -> normalised float in the backbone's convention."""
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"expected an RGB image of shape (3, H, W), got {tuple(image.shape)}")
+    x = image.float() / 255 if image.dtype == torch.uint8 else image
+    if cfg.channel_order == "BGR":
+        x = x.flip(0)
+    mean = torch.tensor(cfg.pixel_mean, dtype=x.dtype, device=x.device)[:, None, None]
+    std = torch.tensor(cfg.pixel_std, dtype=x.dtype, device=x.device)[:, None, None]
+    if cfg.pixel_scale != 1.0:
+        x = x * cfg.pixel_scale
+    return (x - mean) / std
+
+
+def resize(x: Tensor, scale: float, rounding: str, mode: str = "bilinear") -> Tensor:
+    """Resize (C, H, W) by ``scale``: sizes floored as torchvision or rounded as Detectron2."""
+    h, w = x.shape[-2:]
+    size = (int(h * scale), int(w * scale)) if rounding == "floor" else (
+        int(h * scale + 0.5), int(w * scale + 0.5))
+    if size == (h, w):
+        return x
+    if x.numel() == 0:  # an image without instances has a (0, H, W) mask stack
+        return x.new_zeros((x.shape[0], *size))
+    kw = {"align_corners": False} if mode == "bilinear" else {}
+    if rounding == "floor":
+        # The same call as torchvision, so the sampling grid (in/out ratio) matches exactly.
+        return F.interpolate(x[None], scale_factor=scale, mode=mode, recompute_scale_factor=True, **kw)[0]
+    return F.interpolate(x[None], size=size, mode=mode, **kw)[0]
+
+
+def preprocess(images: list[Tensor], targets: list[dict] | None, cfg: InputConfig, training: bool
+               ) -> tuple[ImageList, list[dict] | None, list[Tensor]]:
+    """Normalise, resize and pad a batch; scale target boxes (and dense masks) alike.
+
+    Returns the padded batch, the resized targets, and per image the (4,) factors that map
+    input-pixel boxes to the coordinates of that image's GT masks: compact masks stay at the
+    original resolution and are only cut at RoIs, dense (G, H, W) masks are resized here.
+    """
+    resized, new_targets, mask_scales = [], [], []
+    for i, image in enumerate(images):
+        x = normalize(image, cfg)
+        if training:
+            # One random draw per image, as torchvision, so seeded runs line up.
+            choice = torch.empty(1).uniform_(0.0, float(len(cfg.min_size_train))).item()
+            short = cfg.min_size_train[int(choice)]
+        else:
+            short = cfg.min_size_test
+        hw = tuple(x.shape[-2:])
+        scale = resize_scale(hw, short, cfg.max_size)
+        x = resize(x, scale, cfg.size_rounding)
+        resized.append(x)
+        if targets is None:
+            continue
+        t = dict(targets[i])
+        ratios = box_ratios(tuple(x.shape[-2:]), hw).to(x.device)
+        t["boxes"] = t["boxes"].to(x.device, torch.float32) * ratios
+        t["labels"] = t["labels"].to(x.device)
+        if isinstance(t.get("masks"), Tensor):
+            t["masks"] = resize(t["masks"].to(x.device).float(), scale, cfg.size_rounding, "nearest")
+            mask_scales.append(torch.ones(4, device=x.device))
+        else:
+            mask_scales.append(ratios)
+        new_targets.append(t)
+    batch = ImageList.from_tensors(resized, cfg.size_divisibility)
+    return batch, (new_targets if targets is not None else None), mask_scales
+
+
+def box_ratios(new_hw: tuple[int, int], old_hw: tuple[int, int]) -> Tensor:
+    """(4,) factors (w, h, w, h) taking boxes from ``old_hw`` pixels to ``new_hw`` pixels."""
+    # float32 division of the sizes: the arithmetic torchvision uses, so boxes agree bit for bit
+    new = torch.tensor(new_hw, dtype=torch.float32)
+    old = torch.tensor(old_hw, dtype=torch.float32)
+    rh, rw = new / old
+    return torch.stack([rw, rh, rw, rh])
+
+
+def postprocess(results: list[dict[str, Tensor]], image_sizes: list[tuple[int, int]],
+                original_sizes: list[tuple[int, int]], *, paste: str, threshold: float
+                ) -> list[dict[str, Tensor]]:
+    """Boxes back to the caller's pixels and masks pasted into the caller's image.
+
+    Per image: boxes (D, 4), labels (D,), scores (D,), masks (D, H, W) bool.
+    """
+    outputs = []
+    for r, hw, orig in zip(results, image_sizes, original_sizes):
+        boxes = r["boxes"] * box_ratios(orig, hw).to(r["boxes"].device)
+        masks = paste_masks(r["mask_probs"], boxes, orig, mode=paste, threshold=threshold)
+        outputs.append({"boxes": boxes, "labels": r["labels"], "scores": r["scores"], "masks": masks})
+    return outputs

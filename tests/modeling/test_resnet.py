@@ -1,0 +1,48 @@
+import pytest
+import torch
+
+from maskrcnn.modeling.resnet import FrozenBatchNorm2d, ResNet
+
+
+@pytest.mark.parametrize("depth,groups,width,channels", [
+    (18, 1, 64, [64, 128, 256, 512]),
+    (34, 1, 64, [64, 128, 256, 512]),
+    (50, 1, 64, [256, 512, 1024, 2048]),
+    (101, 32, 8, [256, 512, 1024, 2048]),  # ResNeXt-101 32x8d
+])
+def test_stage_channels_and_strides(depth, groups, width, channels):
+    body = ResNet(depth=depth, groups=groups, width_per_group=width, freeze_at=0)
+    outs = body(torch.zeros(1, 3, 64, 96))
+    assert [o.shape[1] for o in outs] == channels
+    assert [o.shape[-2:] for o in outs] == [(16, 24), (8, 12), (4, 6), (2, 3)]
+    if groups > 1:
+        assert body.layer1[0].conv2.groups == 32 and body.layer1[0].conv2.out_channels == 256
+
+
+def test_stride_position_follows_config():
+    msra = ResNet(depth=50, stride_in_1x1=True)
+    v15 = ResNet(depth=50, stride_in_1x1=False)
+    assert msra.layer2[0].conv1.stride == (2, 2) and msra.layer2[0].conv2.stride == (1, 1)
+    assert v15.layer2[0].conv1.stride == (1, 1) and v15.layer2[0].conv2.stride == (2, 2)
+
+
+def test_freeze_at_stops_gradients_and_statistics():
+    body = ResNet(depth=18, norm="BN", freeze_at=2)
+    assert not any(p.requires_grad for p in body.conv1.parameters())
+    assert not any(p.requires_grad for p in body.layer1.parameters())
+    assert all(p.requires_grad for p in body.layer2.parameters())
+    assert isinstance(body.bn1, FrozenBatchNorm2d) and isinstance(body.layer1[0].bn1, FrozenBatchNorm2d)
+    assert isinstance(body.layer2[0].bn1, torch.nn.BatchNorm2d)
+
+
+def test_frozen_bn_is_the_batchnorm_affine_map():
+    bn = torch.nn.BatchNorm2d(4).eval()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2)
+        bn.bias.uniform_(-1, 1)
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    frozen = FrozenBatchNorm2d(4)
+    frozen.load_state_dict(bn.state_dict())
+    x = torch.randn(2, 4, 5, 5)
+    torch.testing.assert_close(frozen(x), bn(x))
