@@ -1,1 +1,1 @@
-"""interop"""
+"""Weight import from other implementations, converted at the border."""
