@@ -52,7 +52,7 @@ def mask_targets(gt_masks, boxes: Tensor, matched: Tensor, size: int, mode: str)
     if boxes.shape[0] == 0:
         return boxes.new_zeros((0, size, size))
     if not isinstance(gt_masks, Tensor):
-        return gt_masks[matched].crop_and_resize(boxes, size).to(boxes)
+        return gt_masks.crop_and_resize(boxes, size, matched).to(boxes)
     rois = torch.cat([matched.to(boxes)[:, None], boxes], 1)
     masks = gt_masks[:, None].to(boxes)
     if mode == "roi_align_soft":

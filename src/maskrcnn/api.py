@@ -1,0 +1,97 @@
+"""The Python API: load weights, segment images.
+
+>>> predictor = maskrcnn.load("demo_out/model.safetensors")  # doctest: +SKIP
+>>> instances = predictor("photo.jpg")  # doctest: +SKIP
+>>> instances.class_names, instances.scores, instances.masks.shape  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from maskrcnn.modeling.mask_rcnn import MaskRCNN, build_model
+from maskrcnn.structures.instances import Instances
+from maskrcnn.weights import read_weights
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """``"auto"`` is the GPU when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def to_image_tensor(image) -> Tensor:
+    """A path, PIL image, (H, W[, C]) array or (3, H, W) tensor -> (3, H, W) uint8/float RGB."""
+    if isinstance(image, Tensor):
+        return image
+    if isinstance(image, (str, Path)):
+        from maskrcnn.data.transforms import load_image
+
+        return load_image(image)
+    if isinstance(image, np.ndarray):
+        array = image
+        if array.ndim == 2:
+            array = np.repeat(array[..., None], 3, axis=2)
+        if array.ndim != 3 or array.shape[2] not in (3, 4):
+            raise ValueError(f"expected an (H, W, 3) RGB array, got shape {array.shape}")
+        array = np.ascontiguousarray(array[..., :3])
+        tensor = torch.from_numpy(array).permute(2, 0, 1)
+        return tensor if tensor.dtype == torch.uint8 else tensor.float()
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
+    raise TypeError(f"cannot read an image from {type(image).__name__}")
+
+
+class Predictor:
+    """Runs a model in inference mode on single images or small batches.
+
+    >>> predictor = Predictor(model, class_names=["circle", "triangle"])  # doctest: +SKIP
+    >>> predictor(PIL.Image.open("x.png")).scores  # doctest: +SKIP
+    """
+
+    def __init__(self, model: MaskRCNN, *, class_names: list[str] | None = None,
+                 category_ids: list[int] | None = None, score_threshold: float = 0.5,
+                 device: str = "auto"):
+        self.device = pick_device(device)
+        self.model = model.to(self.device).eval()
+        k = model.num_classes
+        self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(1, k + 1)]
+        self.category_ids = list(category_ids) if category_ids else list(range(1, k + 1))
+        self.score_threshold = score_threshold
+
+    def __call__(self, image) -> Instances:
+        return self.predict([image])[0]
+
+    def predict(self, images: list) -> list[Instances]:
+        tensors = [to_image_tensor(im).to(self.device) for im in images]
+        with torch.inference_mode():
+            outputs = self.model(tensors)
+        results = []
+        for out in outputs:
+            keep = out["scores"] >= self.score_threshold
+            labels = out["labels"][keep].cpu()
+            results.append(Instances(
+                boxes=out["boxes"][keep].cpu(), labels=labels,
+                category_ids=[self.category_ids[i - 1] for i in labels.tolist()],
+                class_names=[self.class_names[i - 1] for i in labels.tolist()],
+                scores=out["scores"][keep].cpu(), masks=out["masks"][keep].cpu()))
+        return results
+
+
+def load(weights: str | Path, *, device: str = "auto", score_threshold: float = 0.5) -> Predictor:
+    """A predictor from a weight file written by training, the demo or ``maskrcnn convert``.
+
+    >>> predictor = load("demo_out/model.safetensors")  # doctest: +SKIP
+    """
+    state, config, names, ids = read_weights(weights)
+    model = build_model(config)
+    model.load_state_dict(state)
+    return Predictor(model, class_names=names, category_ids=ids, score_threshold=score_threshold,
+                     device=device)

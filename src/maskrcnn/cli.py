@@ -1,0 +1,308 @@
+"""The ``maskrcnn`` command. A user's mistake ends with one line saying what to do, exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import sys
+from pathlib import Path
+
+EXAMPLES = {
+    "demo": "maskrcnn demo --out demo_out --minutes 8",
+    "train": "maskrcnn train configs/small_cpu_shapes.yaml solver.max_iter=2000 output_dir=runs/a",
+    "eval": "maskrcnn eval --weights runs/a/model.safetensors data/val.json --images data/val",
+    "predict": "maskrcnn predict photos/ img1.jpg 'more/*.png' --weights model.safetensors --out preds",
+    "make-shapes": "maskrcnn make-shapes data/shapes --train 1000 --val 200 --seed 0",
+    "check-data": "maskrcnn check-data annotations.json --images images/",
+    "convert": "maskrcnn convert --from torchvision maskrcnn_resnet50_fpn.pth model.safetensors",
+}
+
+
+class UserError(Exception):
+    """A mistake the user can fix; printed as one line."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.handler(args) or 0
+    except KeyboardInterrupt:
+        print("maskrcnn: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - only user-facing error types become one line
+        if not _is_user_error(exc):
+            raise
+        print(f"maskrcnn {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def _is_user_error(exc: Exception) -> bool:
+    from maskrcnn.config import ConfigError
+
+    user = [UserError, ConfigError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+            PermissionError]
+    try:
+        from maskrcnn.data.validate import DataError
+
+        user.append(DataError)
+    except ImportError:
+        pass
+    try:
+        from maskrcnn.engine.trainer import TrainingError
+
+        user.append(TrainingError)
+    except ImportError:
+        pass
+    return isinstance(exc, tuple(user))
+
+
+def _one_line(exc: Exception) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, FileNotFoundError) and exc.filename:
+        text = f"{exc.filename}: no such file or directory"
+    lines = text.splitlines()
+    return lines[0] if len(lines) == 1 else f"{lines[0]} (and {len(lines) - 1} more lines)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="maskrcnn", description="Mask R-CNN: train, evaluate, segment.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, help: str, handler) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, epilog=f"example:\n  {EXAMPLES[name]}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = command("demo", "Generate the built-in shapes set, train the small CPU model, evaluate it and "
+                "write overlays, metrics, curves and weights.", cmd_demo)
+    p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
+    p.add_argument("--minutes", type=float, default=7.0, help="training time budget (default: 7)")
+    p.add_argument("--train", type=int, default=1000, help="training images to generate")
+    p.add_argument("--val", type=int, default=200, help="validation images to generate")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+
+    p = command("train", "Train from a YAML config (or a preset name) with key=value overrides.", cmd_train)
+    p.add_argument("config", help="YAML file or preset name (small_cpu, paper, torchvision)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. solver.base_lr=0.01")
+    p.add_argument("--resume", action="store_true", help="continue from output_dir's last checkpoint")
+    p.add_argument("--init-backbone", metavar="PATH", help="ImageNet ResNet weights (.pth from torchvision)")
+
+    p = command("eval", "COCO box and mask AP of a weight file on a COCO-format data set.", cmd_eval)
+    p.add_argument("annotations", help="COCO instances JSON")
+    p.add_argument("--images", required=True, help="folder with the images")
+    p.add_argument("--weights", required=True, help="weight file (.safetensors)")
+    p.add_argument("--out", default=None, help="folder for results.json and metrics.json")
+    p.add_argument("--device", default="auto")
+
+    p = command("predict", "Segment images: overlays, one COCO results JSON, optional mask PNGs.", cmd_predict)
+    p.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
+    p.add_argument("--weights", required=True, help="weight file (.safetensors)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--score-threshold", type=float, default=0.5)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--save-masks", action="store_true", help="also write one PNG per instance")
+
+    p = command("make-shapes", "Write the built-in synthetic COCO-format shapes data set.", cmd_make_shapes)
+    p.add_argument("out", help="output folder")
+    p.add_argument("--train", type=int, default=1000)
+    p.add_argument("--val", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = command("check-data", "Report every problem in a COCO-format data set at once.", cmd_check_data)
+    p.add_argument("annotations", help="COCO instances JSON")
+    p.add_argument("--images", required=True, help="folder with the images")
+
+    p = command("convert", "Import weights from another implementation into a .safetensors weight file.",
+                cmd_convert)
+    p.add_argument("--from", dest="source", required=True, choices=["torchvision"])
+    p.add_argument("input", help="torchvision maskrcnn_resnet50_fpn state dict (.pth)")
+    p.add_argument("output", help="output .safetensors")
+    p.add_argument("--class-names", default=None, help="comma-separated names of the classes 1..K")
+    return parser
+
+
+# ------------------------------------------------------------------------------ commands
+
+
+def cmd_make_shapes(args) -> int:
+    from maskrcnn.data.shapes import make_shapes
+
+    if args.train < 1 or args.val < 0:
+        raise UserError("--train must be at least 1 and --val at least 0")
+    make_shapes(args.out, args.train, args.val, args.seed)
+    print(f"wrote {args.train} training and {args.val} validation images to {args.out}/")
+    return 0
+
+
+def cmd_check_data(args) -> int:
+    from maskrcnn.data.validate import check_coco
+
+    _require_file(args.annotations)
+    _require_dir(args.images)
+    problems = check_coco(args.annotations, args.images)
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"{len(problems)} problem(s) found in {args.annotations}", file=sys.stderr)
+        return 2
+    print(f"{args.annotations}: no problems found")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from maskrcnn.interop.torchvision import from_torchvision, read_state_dict
+    from maskrcnn.weights import save_weights
+
+    _require_file(args.input)
+    try:
+        state = read_state_dict(args.input)
+        model = from_torchvision(state, verbose=False)
+    except (ValueError, RuntimeError) as exc:
+        raise UserError(f"{args.input}: {_one_line(exc)}") from None
+    names = args.class_names.split(",") if args.class_names else None
+    if names and len(names) != model.num_classes:
+        raise UserError(f"--class-names has {len(names)} names but the weights have "
+                        f"{model.num_classes} classes")
+    save_weights(args.output, model, class_names=names)
+    print(model.load_report)
+    print(f"wrote {args.output} ({model.num_classes} classes, torchvision conventions)")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from tqdm import tqdm
+
+    from maskrcnn.api import load
+    from maskrcnn.evaluation.coco_eval import encode_mask
+    from maskrcnn.visualize import overlay
+
+    paths = expand_inputs(args.inputs)
+    predictor = _load_predictor(args.weights, args.device, args.score_threshold)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    batch = max(1, args.batch_size)
+    for start in tqdm(range(0, len(paths), batch), desc="predict", unit="batch"):
+        chunk = paths[start:start + batch]
+        images = [_read_image(p) for p in chunk]
+        for path, image, inst in zip(chunk, images, predictor.predict(images)):
+            overlay(image, inst).save(out / f"{path.stem}_overlay.png")
+            for i in range(len(inst)):
+                x1, y1, x2, y2 = inst.boxes[i].tolist()
+                results.append({"file_name": str(path), "image_id": start + chunk.index(path),
+                                "category_id": inst.category_ids[i], "class_name": inst.class_names[i],
+                                "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(inst.scores[i]),
+                                "segmentation": encode_mask(inst.masks[i])})
+                if args.save_masks:
+                    from PIL import Image
+
+                    Image.fromarray(inst.masks[i].numpy().astype("uint8") * 255).save(
+                        out / f"{path.stem}_mask{i:03d}_{inst.class_names[i]}.png")
+    (out / "results.json").write_text(json.dumps(results))
+    print(f"{len(results)} instances in {len(paths)} images; overlays and results.json in {out}/")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from maskrcnn.data.coco import CocoDataset
+    from maskrcnn.evaluation.coco_eval import evaluate, format_table
+
+    _require_file(args.annotations)
+    _require_dir(args.images)
+    predictor = _load_predictor(args.weights, args.device, 0.0)
+    dataset = CocoDataset(args.annotations, args.images)
+    if dataset.num_classes != predictor.model.num_classes:
+        raise UserError(f"{args.weights} predicts {predictor.model.num_classes} classes but "
+                        f"{args.annotations} has {dataset.num_classes}; use weights trained on this data")
+    out = Path(args.out) if args.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    metrics = evaluate(predictor.model, dataset, device=predictor.device,
+                       out_json=out / "results.json" if out else None)
+    print(format_table(metrics))
+    if out:
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from maskrcnn.config_io import load_config
+    from maskrcnn.engine.trainer import train
+
+    config = load_config(args.config, args.overrides)
+    if args.init_backbone:
+        _require_file(args.init_backbone)
+    train(config, resume=args.resume, init_backbone=args.init_backbone)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from maskrcnn.demo import run_demo
+
+    run_demo(Path(args.out), minutes=args.minutes, n_train=args.train, n_val=args.val,
+             device=args.device)
+    return 0
+
+
+# ------------------------------------------------------------------------------ helpers
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """Files, folders (their images, sorted) and glob patterns -> image paths."""
+    paths: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            paths += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            paths.append(p)
+        elif any(ch in item for ch in "*?["):
+            paths += sorted(Path(q) for q in glob.glob(item, recursive=True)
+                            if Path(q).suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            raise UserError(f"{item}: no such file, folder or matching pattern")
+    if not paths:
+        raise UserError(f"no images found in {' '.join(inputs)}")
+    return paths
+
+
+def _read_image(path: Path):
+    from maskrcnn.data.transforms import load_image
+
+    try:
+        return load_image(path)
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for unreadable files
+        raise UserError(f"{path}: cannot read this image ({_one_line(exc)})") from None
+
+
+def _load_predictor(weights: str, device: str, score_threshold: float):
+    from maskrcnn.api import load
+
+    _require_file(weights)
+    try:
+        return load(weights, device=device, score_threshold=score_threshold)
+    except (ValueError, RuntimeError) as exc:
+        raise UserError(_one_line(exc)) from None
+
+
+def _require_file(path: str) -> None:
+    if not Path(path).is_file():
+        raise UserError(f"{path}: no such file")
+
+
+def _require_dir(path: str) -> None:
+    if not Path(path).is_dir():
+        raise UserError(f"{path}: no such folder")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Overlays of predictions on images, and training curves."""
+
+from __future__ import annotations
+
+import colorsys
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from maskrcnn.structures.instances import Instances
+
+
+def instance_colours(n: int) -> list[tuple[int, int, int]]:
+    """``n`` well-separated colours (golden-ratio hue steps)."""
+    return [tuple(int(255 * c) for c in colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.85, 1.0))
+            for i in range(n)]
+
+
+def overlay(image, instances: Instances, alpha: float = 0.5) -> Image.Image:
+    """Each instance's mask in its own colour, with its box, class name and score.
+
+    ``image``: a path, PIL image, (H, W, 3) array or (3, H, W) tensor.
+
+    >>> picture = overlay("photo.jpg", predictor("photo.jpg"))  # doctest: +SKIP
+    >>> picture.save("overlay.png")  # doctest: +SKIP
+    """
+    from maskrcnn.api import to_image_tensor
+
+    tensor = to_image_tensor(image)
+    array = tensor.permute(1, 2, 0).cpu().numpy()
+    if array.dtype != np.uint8:
+        array = (np.clip(array, 0, 1) * 255).astype(np.uint8)
+    canvas = array.astype(np.float32)
+    colours = instance_colours(len(instances))
+    masks = instances.masks.cpu().numpy()
+    for mask, colour in zip(masks, colours):
+        canvas[mask] = (1 - alpha) * canvas[mask] + alpha * np.array(colour, np.float32)
+    picture = Image.fromarray(canvas.astype(np.uint8))
+    draw = ImageDraw.Draw(picture)
+    for box, name, score, colour in zip(instances.boxes.tolist(), instances.class_names,
+                                        instances.scores.tolist(), colours):
+        draw.rectangle(box, outline=colour, width=2)
+        label = f"{name} {score:.2f}"
+        x, y = box[0], max(0, box[1] - 11)
+        draw.rectangle([x, y, x + 6 * len(label) + 2, y + 10], fill=colour)
+        draw.text((x + 1, y - 1), label, fill=(0, 0, 0))
+    return picture
+
+
+def plot_training_curves(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
+    """Losses and (when logged) mask/box AP against iteration, from a trainer's metrics file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
+    train = [r for r in rows if "total_loss" in r or "loss" in r]
+    evals = [r for r in rows if "segm" in r or "bbox" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for key in sorted({k for r in train for k in r if k.startswith("loss")} | {"total_loss"}):
+        pts = [(r["iteration"], r[key]) for r in train if key in r]
+        if pts:
+            axes[0].plot(*zip(*pts), label=key)
+    axes[0].set_xlabel("iteration")
+    axes[0].set_yscale("log")
+    axes[0].set_title("training losses")
+    axes[0].legend(fontsize=7)
+    for kind in ("bbox", "segm"):
+        pts = [(r["iteration"], r[kind]["AP"]) for r in evals if kind in r]
+        if pts:
+            axes[1].plot(*zip(*pts), marker="o", label=f"{kind} AP")
+    axes[1].set_xlabel("iteration")
+    axes[1].set_title("validation AP")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png

@@ -1,0 +1,58 @@
+"""The project's weight file: one ``.safetensors`` holding the tensors plus, as metadata, the
+model config and the data set's class names and category ids. Loading never unpickles."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from torch import nn
+
+from maskrcnn.config import ConfigError, ModelConfig, from_dict, to_dict
+
+FORMAT = "maskrcnn-weights-v1"
+
+
+def save_weights(path: str | Path, model: nn.Module, *, class_names: list[str] | None = None,
+                 category_ids: list[int] | None = None) -> Path:
+    """Write ``model`` (a ``MaskRCNN``) atomically: a kill mid-write leaves any old file intact."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    k = model.config.roi_heads.num_classes
+    names = list(class_names) if class_names else [f"class_{i}" for i in range(1, k + 1)]
+    ids = list(category_ids) if category_ids else list(range(1, k + 1))
+    meta = {"format": FORMAT, "config": json.dumps(to_dict(model.config)),
+            "class_names": json.dumps(names), "category_ids": json.dumps(ids)}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
+def read_weights(path: str | Path) -> tuple[dict, ModelConfig, list[str], list[int]]:
+    """(state dict, model config, class names, category ids) from a weight file."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such weights file")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # safetensors raises several types for foreign files
+        raise ValueError(f"{path}: not a safetensors weight file ({exc}); convert torchvision "
+                         "weights with `maskrcnn convert --from torchvision IN.pth OUT`") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: safetensors file without maskrcnn metadata; convert it with "
+                         "`maskrcnn convert` or load it with maskrcnn.from_torchvision")
+    try:
+        config = from_dict(ModelConfig, json.loads(meta["config"]))
+    except ConfigError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    return (load_file(str(path)), config, json.loads(meta["class_names"]),
+            json.loads(meta["category_ids"]))
