@@ -179,7 +179,6 @@ def cmd_convert(args) -> int:
 def cmd_predict(args) -> int:
     from tqdm import tqdm
 
-    from maskrcnn.api import load
     from maskrcnn.evaluation.coco_eval import encode_mask
     from maskrcnn.visualize import overlay
 

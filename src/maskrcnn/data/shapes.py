@@ -110,7 +110,7 @@ def make_shapes(out_dir: str | Path, n_train: int, n_val: int, seed: int = 0) ->
         (out / split).mkdir(parents=True, exist_ok=True)
         images, annotations = [], []
         for i in range(count):
-            short, long = int(rng.integers(224, 289)), int(rng.integers(288, 353))
+            short, long = int(rng.integers(192, 257)), int(rng.integers(256, 321))
             h, w = (short, long) if rng.random() < 0.7 else (long, short)
             image, instances = make_image(rng, h, w)
             name = f"{split}_{i:05d}.png"

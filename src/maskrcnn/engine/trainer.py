@@ -4,7 +4,6 @@ checkpoints with exact resume, a stop on non-finite losses, and DistributedDataP
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -131,14 +130,18 @@ def train(config: Config, *, resume: bool = False, init_backbone: str | None = N
     it = start
     t_mark = t_start
     while it < max_iter:
-        if time_budget and it == start + 5:
-            t_mark = time.perf_counter()  # the first iterations are slower (allocations, caches)
-        if time_budget and it == start + 25:
-            # Fix the iteration count from the measured speed; checkpoints store it, so a
-            # resumed run follows the same schedule.
-            per_iter = (time.perf_counter() - t_mark) / 20
-            max_iter = max(it + 1, it + int((time_budget - (time.perf_counter() - t_start)) / per_iter))
-            bar.total = max_iter
+        if time_budget:
+            elapsed = time.perf_counter() - t_start
+            if it == start + 5:
+                t_mark = time.perf_counter()  # the first iterations are slower (allocations, caches)
+            elif it > start + 5 and (it - start) % 25 == 0:
+                # Size the schedule to the budget from the measured speed, again as it drifts;
+                # checkpoints store it, so a resumed run follows the same schedule.
+                per_iter = (time.perf_counter() - t_mark) / (it - start - 5)
+                max_iter = max(it + 1, it + int((time_budget - elapsed) / per_iter))
+                bar.total = max_iter
+            if elapsed >= time_budget:
+                break
         lr = lr_at(it, s, max_iter)
         for group in optimizer.param_groups:
             group["lr"] = lr

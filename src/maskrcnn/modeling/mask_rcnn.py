@@ -93,7 +93,7 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
     >>> model.roi_heads.box_predictor.cls_score.out_features
     4
     """
-    b, r, h = cfg.backbone, cfg.rpn, cfg.roi_heads
+    b, r = cfg.backbone, cfg.rpn
     body = ResNet(depth=b.depth, groups=b.groups, width_per_group=b.width_per_group,
                   stride_in_1x1=b.stride_in_1x1, norm=b.norm, eps=b.norm_eps,
                   freeze_at=b.freeze_at, with_res5=b.fpn)

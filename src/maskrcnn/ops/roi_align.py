@@ -133,7 +133,7 @@ class _RoIAlign(torch.autograd.Function):
         g = grad_out.permute(0, 2, 3, 1)  # (K, PH, PW, C)
         grad_rows = grad_out.new_zeros((n * h * w, c))
         for idx, wy, wx, flat in ctx.chunks:
-            m, hy, hx = wy.shape[0], wy.shape[2], wx.shape[2]
+            m, hx = wy.shape[0], wx.shape[2]
             gi = g[idx].reshape(m * ph, pw, c)
             wxt = wx.to(g.dtype)[:, None].expand(m, ph, pw, hx).reshape(m * ph, pw, hx).transpose(1, 2)
             t = torch.bmm(wxt, gi).view(m, ph, hx * c)

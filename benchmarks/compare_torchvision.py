@@ -1,0 +1,184 @@
+"""Side by side with torchvision on this machine: same weights, inputs and thread count, the two
+implementations alternating; medians and ratios (ours / torchvision) in one table.
+
+    python benchmarks/compare_torchvision.py [--threads 2] [--repeats 3] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.faster_rcnn import TwoMLPHead
+from torchvision.models.detection.roi_heads import paste_masks_in_image
+from torchvision.ops import MultiScaleRoIAlign
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_roi_align import make_rois  # noqa: E402
+
+from maskrcnn.config import replace_nested, small_cpu_model  # noqa: E402
+from maskrcnn.interop.torchvision import from_torchvision  # noqa: E402
+from maskrcnn.modeling.mask_rcnn import build_model  # noqa: E402
+from maskrcnn.ops import paste_masks, roi_align  # noqa: E402
+
+
+def alternate(ours, theirs, repeats: int) -> tuple[float, float]:
+    ours(), theirs()  # warm up both
+    a, b = [], []
+    for _ in range(repeats):
+        for fn, store in ((ours, a), (theirs, b)):
+            t0 = time.perf_counter()
+            fn()
+            store.append(time.perf_counter() - t0)
+    return statistics.median(a), statistics.median(b)
+
+
+def row(name: str, a: float, b: float, unit: str = "s") -> None:
+    scale = 1e3 if unit == "ms" else 1.0
+    print(f"{name:58s} {a * scale:10.3f} {b * scale:10.3f} {a / b:7.2f}x   ({unit})")
+
+
+def tv_r50(seed: int = 0):
+    torch.manual_seed(seed)
+    model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)
+    with torch.no_grad():  # random weights would give no detections above 0.05
+        model.roi_heads.box_predictor.cls_score.weight.mul_(40)
+    return model.eval()
+
+
+def inference(repeats: int) -> None:
+    tv = tv_r50()
+    ours = from_torchvision(tv.state_dict(), verbose=False).eval()
+    image = torch.rand(3, 800, 1333)
+    with torch.inference_mode():
+        a, b = alternate(lambda: ours([image]), lambda: tv([image]), repeats)
+    row("inference R50-FPN, 800x1333 image", a, b)
+
+
+def small_tv_model():
+    """torchvision's Mask R-CNN assembled with the small CPU preset's settings."""
+    cfg = small_cpu_model(3)
+    body = torchvision.models.resnet18(weights=None, norm_layer=torch.nn.BatchNorm2d)
+    backbone = BackboneWithFPN(body, {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
+                               [64, 128, 256, 512], cfg.backbone.fpn_channels)
+    anchors = AnchorGenerator(tuple((s,) for s in cfg.rpn.anchor_sizes), ((0.5, 1.0, 2.0),) * 5)
+    c, h = cfg.backbone.fpn_channels, cfg.roi_heads
+    return MaskRCNN(
+        backbone, num_classes=4, min_size=cfg.input.min_size_train, max_size=cfg.input.max_size,
+        rpn_anchor_generator=anchors, rpn_pre_nms_top_n_train=cfg.rpn.pre_nms_topk_train,
+        rpn_post_nms_top_n_train=cfg.rpn.post_nms_topk_train,
+        rpn_batch_size_per_image=cfg.rpn.batch_size_per_image,
+        box_batch_size_per_image=h.batch_size_per_image,
+        box_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2),
+        box_head=TwoMLPHead(c * 49, h.box_fc_dim), box_predictor=None,
+        representation_size=None if False else h.box_fc_dim,
+        mask_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], 14, 2),
+        mask_head=MaskRCNNHeads(c, list(h.mask_conv_dims), 1),
+        mask_predictor=MaskRCNNPredictor(h.mask_conv_dims[-1], h.mask_conv_dims[-1], 4))
+
+
+def train_step(repeats: int) -> None:
+    torch.manual_seed(0)
+    tv = small_tv_model().train()
+    # the same conventions as torchvision's: legacy RoIAlign with 2x2 samples, soft mask targets
+    cfg = replace_nested(small_cpu_model(3), **{"roi_heads.pooler_sampling_ratio": 2,
+                                               "roi_heads.pooler_aligned": False,
+                                               "roi_heads.mask_target": "roi_align_soft",
+                                               "rpn.anchor_round": True})
+    ours = build_model(cfg).train()
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 240 + 16 * i, 320, generator=g) for i in range(4)]
+    targets = []
+    for img in images:
+        _, hh, ww = img.shape
+        xy = torch.rand(4, 2, generator=g) * torch.tensor([ww * 0.6, hh * 0.6])
+        boxes = torch.cat([xy, xy + 20 + torch.rand(4, 2, generator=g) * 80], 1)
+        masks = torch.zeros(4, hh, ww, dtype=torch.uint8)
+        for k, (x1, y1, x2, y2) in enumerate(boxes.int().tolist()):
+            masks[k, y1:y2, x1:x2] = 1
+        targets.append({"boxes": boxes, "labels": torch.randint(1, 4, (4,), generator=g), "masks": masks})
+    opts = [torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9) for m in (ours, tv)]
+
+    def step(model, opt):
+        def run():
+            losses = model(images, [dict(t) for t in targets])
+            opt.zero_grad()
+            sum(losses.values()).backward()
+            opt.step()
+        return run
+
+    a, b = alternate(step(ours, opts[0]), step(tv, opts[1]), repeats)
+    row("train step, small CPU preset settings, 4 images", a, b)
+
+
+def roi_align_rows(repeats: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    for n, size in ((512, 7), (128, 14)):
+        feature = torch.randn(1, 256, 200, 272, generator=g, requires_grad=True)
+        rois = make_rois(n, (800, 1088), g)
+        grad = torch.randn(n, 256, size, size, generator=g)
+
+        def fb(op):
+            def run():
+                op(feature, rois, size, 0.25, 2, False).backward(grad)
+                feature.grad = None
+            return run
+
+        a, b = alternate(fb(roi_align), fb(torchvision.ops.roi_align), max(repeats, 5))
+        row(f"RoIAlign fwd+bwd, {n} RoIs x 256 ch, {size}x{size}", a, b, "ms")
+
+
+def paste_rows(repeats: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(100, 28, 28, generator=g)
+    xy = torch.rand(100, 2, generator=g) * 1500
+    boxes = torch.cat([xy, xy + 40 + torch.rand(100, 2, generator=g) * 200], 1)
+    for hw in ((2000, 3000), (4000, 6000)):
+        a, b = alternate(lambda: paste_masks(masks, boxes, hw, mode="torchvision"),
+                         lambda: paste_masks_in_image(masks[:, None], boxes, hw) > 0.5, repeats)
+        row(f"paste 100 masks into a {hw[1]}x{hw[0]} image", a, b, "ms")
+
+
+def peak_memory() -> None:
+    """Peak RSS of one inference, each implementation in its own fresh process."""
+    results = {}
+    for which in ("ours", "tv"):
+        code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import torch, resource;"
+                f"import compare_torchvision as c; torch.set_num_threads({torch.get_num_threads()});"
+                f"tv = c.tv_r50(); m = tv if {which!r} == 'tv' else c.from_torchvision(tv.state_dict(), verbose=False).eval();"
+                f"del tv; import gc; gc.collect(); base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+                f"x = torch.rand(3, 800, 1333)\nwith torch.inference_mode(): m([x])\n"
+                f"print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        results[which] = int(out.stdout.split()[-1]) / 1024
+    row("peak RSS, process doing one 800x1333 inference", results["ours"], results["tv"], "MB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, {args.threads} threads, "
+          f"median of {args.repeats} alternating runs")
+    print(f"{'measurement':58s} {'ours':>10s} {'torchvision':>10s} {'ratio':>8s}")
+    roi_align_rows(args.repeats)
+    paste_rows(args.repeats)
+    train_step(args.repeats)
+    inference(args.repeats)
+    peak_memory()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""Each command: the happy path on tiny inputs, and user mistakes ending in one line, exit 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from maskrcnn.config import replace_nested, small_cpu_model
+from maskrcnn.modeling.mask_rcnn import build_model
+from maskrcnn.weights import save_weights
+
+
+def run(*args, cwd=None):
+    r = subprocess.run([sys.executable, "-m", "maskrcnn.cli", *map(str, args)], capture_output=True,
+                       text=True, cwd=cwd)
+    return r.returncode, r.stdout, r.stderr
+
+
+def assert_user_error(code, out, err, text):
+    assert code == 2, (out, err)
+    assert "Traceback" not in err
+    lines = [line for line in err.strip().splitlines() if line]
+    assert len(lines) == 1 and text in lines[0], lines
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    code, out, err = run("make-shapes", root / "data", "--train", 3, "--val", 2, "--seed", 3)
+    assert code == 0, err
+    return root
+
+
+@pytest.fixture(scope="module")
+def weights(shapes):
+    torch.manual_seed(0)
+    cfg = replace_nested(small_cpu_model(3), **{"input.min_size_test": 128, "input.max_size": 192,
+                                               "roi_heads.score_thresh": 0.0})
+    return save_weights(shapes / "w.safetensors", build_model(cfg), class_names=["circle", "triangle", "rectangle"])
+
+
+@pytest.mark.parametrize("command", ["demo", "train", "eval", "predict", "make-shapes", "check-data", "convert"])
+def test_every_command_has_help_with_an_example(command):
+    code, out, _ = run(command, "--help")
+    assert code == 0 and "example:" in out and "maskrcnn " + command in out
+
+
+def test_make_shapes_and_check_data(shapes):
+    data = json.loads((shapes / "data" / "train.json").read_text())
+    assert len(data["images"]) == 3
+    code, out, _ = run("check-data", shapes / "data" / "train.json", "--images", shapes / "data" / "train")
+    assert code == 0 and "no problems" in out
+    assert_user_error(*run("check-data", shapes / "nope.json", "--images", shapes), "nope.json: no such file")
+
+
+def test_predict_writes_overlays_results_and_masks(shapes, weights, tmp_path):
+    out = tmp_path / "pred"
+    code, stdout, err = run("predict", shapes / "data" / "val", "--weights", weights, "--out", out,
+                            "--score-threshold", 0.0, "--save-masks", "--batch-size", 2)
+    assert code == 0, err
+    assert len(list(out.glob("*_overlay.png"))) == 2
+    results = json.loads((out / "results.json").read_text())
+    assert results and {"bbox", "score", "segmentation", "category_id"} <= results[0].keys()
+    assert list(out.glob("*_mask*.png"))
+
+
+def test_predict_errors(shapes, weights, tmp_path):
+    assert_user_error(*run("predict", tmp_path / "none.png", "--weights", weights, "--out", tmp_path),
+                      "no such file, folder or matching pattern")
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    assert_user_error(*run("predict", bad, "--weights", weights, "--out", tmp_path), "cannot read this image")
+    assert_user_error(*run("predict", bad, "--weights", tmp_path / "w.safetensors", "--out", tmp_path),
+                      "no such file")
+
+
+def test_eval_prints_ap_table_and_rejects_other_class_counts(shapes, weights, tmp_path):
+    code, out, err = run("eval", shapes / "data" / "val.json", "--images", shapes / "data" / "val",
+                         "--weights", weights, "--out", tmp_path / "ev")
+    assert code == 0, err
+    assert "mask" in out and (tmp_path / "ev" / "results.json").is_file()
+    two = save_weights(tmp_path / "two.safetensors", build_model(small_cpu_model(2)))
+    assert_user_error(*run("eval", shapes / "data" / "val.json", "--images", shapes / "data" / "val",
+                           "--weights", two), "predicts 2 classes but")
+
+
+def test_train_rejects_unknown_config_key(shapes):
+    assert_user_error(*run("train", "small_cpu", "solver.learning_rate=0.1"), "unknown config key 'solver.learning_rate'")
+    assert_user_error(*run("train", shapes / "missing.yaml"), "no such config file")
+
+
+def test_convert_from_torchvision_and_errors(tmp_path):
+    tv = pytest.importorskip("torchvision.models.detection")
+    torch.manual_seed(0)
+    model = tv.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3)
+    torch.save(model.state_dict(), tmp_path / "tv.pth")
+    code, out, err = run("convert", "--from", "torchvision", tmp_path / "tv.pth", tmp_path / "out.safetensors",
+                         "--class-names", "a,b")
+    assert code == 0, err
+    from maskrcnn.api import load
+
+    predictor = load(tmp_path / "out.safetensors", device="cpu")
+    assert predictor.class_names == ["a", "b"] and predictor.model.num_classes == 2
+    torch.save({"not": torch.zeros(1)}, tmp_path / "other.pth")
+    assert_user_error(*run("convert", "--from", "torchvision", tmp_path / "other.pth", tmp_path / "x.safetensors"),
+                      "not a torchvision Mask R-CNN state dict")
+    assert_user_error(*run("convert", "--from", "torchvision", tmp_path / "missing.pth", tmp_path / "x"),
+                      "no such file")
+
+
+def test_weights_for_another_class_count_are_reported(weights):
+    from maskrcnn.api import load
+
+    predictor = load(weights, device="cpu")
+    assert predictor.model.num_classes == 3 and predictor.class_names[0] == "circle"
+
+
+def test_python_api_predictor_and_overlay(shapes, weights):
+    from PIL import Image
+
+    from maskrcnn.api import load
+    from maskrcnn.visualize import overlay
+
+    predictor = load(weights, device="cpu", score_threshold=0.0)
+    path = sorted((shapes / "data" / "val").glob("*.png"))[0]
+    for image in (path, Image.open(path), __import__("numpy").asarray(Image.open(path))):
+        inst = predictor(image)
+        assert inst.masks.shape[1:] == Image.open(path).size[::-1]
+        assert len(inst.class_names) == len(inst)
+    picture = overlay(path, inst)
+    assert picture.size == Image.open(path).size
+
+
+@pytest.mark.slow
+def test_demo_writes_every_artefact(tmp_path):
+    out = tmp_path / "demo"
+    code, stdout, err = run("demo", "--out", out, "--minutes", 0.3, "--train", 8, "--val", 3)
+    assert code == 0, err[-2000:]
+    for name in ("metrics.json", "training_curves.png", "model.safetensors", "summary.txt"):
+        assert (out / name).is_file(), name
+    assert len(list((out / "overlays").glob("*.png"))) == 3
+    assert "segm" in json.loads((out / "metrics.json").read_text())
+    assert str(out / "summary.txt") in stdout
