@@ -1,1 +1,5 @@
-"""structures"""
+"""Typed containers for what flows between the stages: compact instance masks, boxes, images."""
+
+from maskrcnn.structures.masks import BitMasks, PolygonMasks, RLEMasks
+
+__all__ = ["BitMasks", "PolygonMasks", "RLEMasks"]
