@@ -1,7 +1,8 @@
 """COCO-format instance segmentation data: the reader and its label mapping.
 
-Labels inside the library are contiguous, 1..K (0 is background); ``category_ids[label - 1]``
-is the data set's own id, which every output file uses.
+Labels inside the library are contiguous, 1..K (0 is background), in the order of the data
+set's sorted category ids; ``category_ids[label - 1]`` is the data set's own id, which every
+output file uses, so evaluation never mixes up ids.
 """
 
 from __future__ import annotations
@@ -9,103 +10,172 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from maskrcnn.data.transforms import load_image
-from maskrcnn.data.validate import DataError, check_images, check_records, read_json, summarise
+from maskrcnn.data.validate import DataError, Problem, format_problems, read_and_check
 from maskrcnn.structures.masks import PolygonMasks, RLEMasks
 
 
 class CocoDataset:
     """Images and instance targets from a COCO instances JSON.
 
-    ``dataset[i]`` -> (image (3, H, W) uint8 RGB, target) with target ``boxes`` (N, 4) xyxy
-    float32, ``labels`` (N,) int64 in 1..K, ``masks`` (compact: PolygonMasks or RLEMasks),
-    ``image_id``. Crowd regions (``iscrowd=1``) are left out of the targets; the evaluator reads
-    them from the JSON. Bad records raise ``DataError`` listing every problem, or with
-    ``skip_bad=True`` are dropped and counted in ``skipped``.
+    ``dataset[i]`` -> ``(image, target)``: image (3, H, W) uint8 RGB, upright per EXIF;
+    target ``boxes`` (N, 4) float32 xyxy clipped to the image, ``labels`` (N,) int64 in 1..K,
+    ``masks`` (N instances, compact: ``RLEMasks`` if any of the image's annotations is RLE,
+    else ``PolygonMasks``), ``image_id`` int and ``orig_size`` (H, W).
+
+    Segmentations may be polygons, compressed or uncompressed RLE, or missing (the box is used).
+    Crowd regions (``iscrowd=1``) are left out of the targets; the evaluator reads them from
+    the JSON. Images without annotations are kept (negatives) unless ``drop_empty``.
+
+    The file and (with ``check_images``) the image files are validated on construction:
+    problems raise ``DataError`` listing them all, or with ``skip_bad=True`` the bad records
+    are dropped and counted in ``skipped`` (problem kind -> records dropped).
 
     >>> ds = CocoDataset("data/shapes/train.json", "data/shapes/train")  # doctest: +SKIP
     >>> image, target = ds[0]  # doctest: +SKIP
+    >>> ds.label_to_category(int(target["labels"][0]))  # doctest: +SKIP
+    3
     """
 
     def __init__(self, annotation_json: str | Path, image_dir: str | Path, *, drop_empty: bool = False,
-                 skip_bad: bool = False, transforms=None, check_image_files: bool = True):
+                 skip_bad: bool = False, transforms=None, check_images: bool = True):
         self.annotation_json, self.image_dir = str(annotation_json), Path(image_dir)
         self.transforms = transforms
-        data, problems = read_json(annotation_json)
-        if data is None:
-            raise DataError(summarise(problems))
-        problems = check_records(data, self.annotation_json)
-        if check_image_files:
-            problems += check_images(data, self.annotation_json, image_dir)
-        fatal = [p for p in problems if p.image_id is None and p.annotation_id is None]
-        if problems and (not skip_bad or fatal):
-            hint = "" if skip_bad else " (run `maskrcnn check-data`, fix them, or skip them with data.skip_bad=true)"
-            raise DataError(f"{len(problems)} problem(s) in {self.annotation_json}{hint}:\n"
-                            + summarise(problems))
-        bad_images = {p.image_id for p in problems if p.annotation_id is None}
-        bad_annotations = {p.annotation_id for p in problems if p.annotation_id is not None}
-        self.skipped = Counter(p.kind for p in problems)
+        data, problems = read_and_check(annotation_json, image_dir, check_images=check_images)
+        fatal = [p for p in problems if p.where is None]
+        if data is None or fatal or (problems and not skip_bad):
+            raise DataError(_error_text(self.annotation_json, problems, skip_bad))
+        self.skipped: Counter = Counter()
+        bad = self._bad_records(problems)
 
-        categories = sorted(data["categories"], key=lambda c: c["id"])
-        self.category_ids = [c["id"] for c in categories]
-        self.class_names = [str(c.get("name", c["id"])) for c in categories]
-        self.category_to_label = {cid: i + 1 for i, cid in enumerate(self.category_ids)}
-        per_image: dict = {img["id"]: [] for img in data["images"] if img["id"] not in bad_images}
-        for ann in data["annotations"]:
-            if ann["id"] not in bad_annotations and ann["image_id"] in per_image:
+        categories = [c for k, c in enumerate(data["categories"]) if ("categories", k) not in bad]
+        categories.sort(key=lambda c: c["id"])
+        self.category_ids: list[int] = [c["id"] for c in categories]
+        self.class_names: list[str] = [str(c.get("name", c["id"])) for c in categories]
+        self.category_to_label: dict[int, int] = {cid: i + 1 for i, cid in enumerate(self.category_ids)}
+
+        images = [img for k, img in enumerate(data["images"]) if ("images", k) not in bad]
+        per_image: dict[int, list[dict]] = {img["id"]: [] for img in images}
+        for k, ann in enumerate(data["annotations"]):
+            if ("annotations", k) in bad:
+                continue
+            if ann["image_id"] not in per_image:
+                self.skipped["annotation-of-skipped-image"] += 1
+            elif not ann.get("iscrowd", 0):
                 per_image[ann["image_id"]].append(ann)
-        self.images = [img for img in data["images"] if img["id"] in per_image]
-        self.annotations = [
-            [a for a in per_image[img["id"]] if not a.get("iscrowd", 0)] for img in self.images]
         if drop_empty:
-            keep = [i for i, anns in enumerate(self.annotations) if anns]
-            self.skipped["empty-image"] += len(self.images) - len(keep)
-            self.images = [self.images[i] for i in keep]
-            self.annotations = [self.annotations[i] for i in keep]
-        self.image_ids = [img["id"] for img in self.images]
+            kept = [img for img in images if per_image[img["id"]]]
+            if len(kept) < len(images):
+                self.skipped["empty-image"] += len(images) - len(kept)
+            images = kept
+        self._infos = images
+        self._records = [_Record(img, per_image[img["id"]], self.category_to_label) for img in images]
+        self.image_ids: list[int] = [img["id"] for img in images]
+
+    def _bad_records(self, problems: list[Problem]) -> set[tuple[str, int]]:
+        """Records to drop, each counted once under the kind of its first problem."""
+        bad: set[tuple[str, int]] = set()
+        for p in problems:
+            if p.where not in bad:
+                bad.add(p.where)
+                self.skipped[p.kind] += 1
+        return bad
 
     @property
     def num_classes(self) -> int:
+        """K, the number of foreground classes."""
         return len(self.category_ids)
 
     def label_to_category(self, label: int) -> int:
-        return self.category_ids[label - 1]
+        """The data set's category id of a contiguous label in 1..K."""
+        if not 1 <= int(label) <= self.num_classes:
+            raise ValueError(f"label {label} is not a foreground label 1..{self.num_classes} "
+                             "(0 is background)")
+        return self.category_ids[int(label) - 1]
 
     def skipped_summary(self) -> str:
+        """The skipped records on one line, e.g. ``2 bbox-size, 1 image-missing``."""
         return ", ".join(f"{n} {kind}" for kind, n in sorted(self.skipped.items())) or "nothing"
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self._records)
+
+    def image_info(self, index: int) -> dict:
+        """The JSON record of image ``index`` (id, file_name, height, width, ...)."""
+        return dict(self._infos[index])
 
     def aspect_ratios(self) -> list[float]:
-        """Width / height of every image, from the JSON (no decoding)."""
-        return [img["width"] / img["height"] for img in self.images]
+        """Width / height of every image, from the JSON (no image is read)."""
+        return [r.width / r.height for r in self._records]
 
     def target(self, index: int) -> dict:
-        info, anns = self.images[index], self.annotations[index]
-        h, w = info["height"], info["width"]
-        boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
-                               a["bbox"][1] + a["bbox"][3]] for a in anns], dtype=torch.float32).reshape(-1, 4)
-        labels = torch.tensor([self.category_to_label[a["category_id"]] for a in anns], dtype=torch.int64)
-        segs = [a.get("segmentation") or _box_polygon(a["bbox"]) for a in anns]
-        if all(isinstance(s, list) for s in segs):
-            masks = PolygonMasks([[p for p in s] for s in segs], h, w)
-        else:
-            masks = RLEMasks.from_segmentations(segs, h, w)
-        return {"boxes": boxes, "labels": labels, "masks": masks, "image_id": info["id"]}
+        """Image ``index``'s target without reading the image."""
+        return self._records[index].target()
+
+    def load(self, index: int) -> tuple[Tensor, dict]:
+        """Image and target before ``transforms``."""
+        record = self._records[index]
+        path = self.image_dir / record.file_name
+        try:
+            image = load_image(path)
+        except Exception as exc:  # noqa: BLE001 - Pillow raises many types for damaged files
+            raise DataError(f"{self.annotation_json}: image {record.image_id} ({record.file_name}): "
+                            f"{path} cannot be read ({type(exc).__name__}: {exc}); "
+                            "run `maskrcnn check-data`") from exc
+        if tuple(image.shape[1:]) != (record.height, record.width):
+            raise DataError(f"{self.annotation_json}: image {record.image_id} ({record.file_name}): "
+                            f"{path} is {image.shape[2]}x{image.shape[1]} (width x height) but the JSON "
+                            f"says {record.width}x{record.height}; fix width/height")
+        return image, record.target()
 
     def __getitem__(self, index: int) -> tuple[Tensor, dict]:
-        info = self.images[index]
-        image = load_image(self.image_dir / info["file_name"])
-        target = self.target(index)
+        image, target = self.load(index)
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target
 
 
-def _box_polygon(bbox: list[float]) -> list[list[float]]:
-    x, y, w, h = bbox
-    return [[x, y, x + w, y, x + w, y + h, x, y + h]]
+class _Record:
+    """One image's training targets held compactly: numpy boxes and labels, polygon arrays or
+    RLE bytes (few Python objects, so forked loader workers do not copy the data set)."""
+
+    def __init__(self, info: dict, annotations: list[dict], category_to_label: dict[int, int]):
+        self.image_id, self.file_name = info["id"], info["file_name"]
+        self.height, self.width = int(info["height"]), int(info["width"])
+        boxes = np.array([a["bbox"] for a in annotations], dtype=np.float64).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]  # COCO [x, y, w, h] -> corners
+        boxes[:, 0::2] = boxes[:, 0::2].clip(0, self.width)
+        boxes[:, 1::2] = boxes[:, 1::2].clip(0, self.height)
+        self.boxes = boxes.astype(np.float32)
+        self.labels = np.array([category_to_label[a["category_id"]] for a in annotations], dtype=np.int64)
+        self.segmentations = [self._segmentation(a.get("segmentation"), b) for a, b in zip(annotations, boxes)]
+        self.any_rle = any(isinstance(s, dict) for s in self.segmentations)
+
+    def _segmentation(self, seg, box: np.ndarray):
+        if isinstance(seg, dict):
+            return RLEMasks([seg], self.height, self.width).rles[0]  # str/list counts -> bytes
+        if not seg:  # no mask drawn: the box is the best mask there is
+            x1, y1, x2, y2 = box.tolist()
+            return [np.array([x1, y1, x2, y1, x2, y2, x1, y2], dtype=np.float64)]
+        return [np.asarray(p, dtype=np.float64) for p in seg]
+
+    def target(self) -> dict:
+        if self.any_rle:
+            masks = RLEMasks.from_segmentations(self.segmentations, self.height, self.width)
+        else:
+            masks = PolygonMasks(self.segmentations, self.height, self.width)
+        return {"boxes": torch.from_numpy(self.boxes.copy()), "labels": torch.from_numpy(self.labels.copy()),
+                "masks": masks, "image_id": self.image_id, "orig_size": (self.height, self.width)}
+
+
+def _error_text(name: str, problems: list[Problem], skip_bad: bool) -> str:
+    fatal = [p for p in problems if p.where is None]
+    if fatal:
+        return f"{name} cannot be used as a COCO instances file:\n" + format_problems(fatal)
+    return (f"{len(problems)} problem(s) in {name}; fix them (`maskrcnn check-data` lists them all)"
+            f"{'' if skip_bad else ' or skip the bad records with skip_bad=True (data.skip_bad in the config)'}:\n"
+            + format_problems(problems))

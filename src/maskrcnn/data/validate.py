@@ -1,13 +1,27 @@
-"""Checks of a COCO-format data set that report every problem at once, each on one line naming
-the file, the record and what to do."""
+"""Checks of a COCO instances file and its images that report every problem at once.
+
+Each problem is one line naming the file, the record and what to do, e.g.::
+
+    instances.json: annotation 17 (image 3): bbox [10, 10, 0, 5] has non-positive width;
+    COCO bbox is [x, y, width, height]
+
+Nothing here raises on bad input: a file that is not JSON, not an object, or holds records of
+the wrong types yields problems, never a traceback.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import Image
+
+# EXIF orientations 5-8 are rotated by 90 degrees: the displayed image has width and height swapped
+_SWAPS_SIDES = {5, 6, 7, 8}
+_EXIF_ORIENTATION = 0x0112
 
 
 class DataError(ValueError):
@@ -16,175 +30,365 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Problem:
+    """One problem of a data set.
+
+    ``record`` names it for people ("annotation 17 (image 3)", "image 3 (a.jpg)", "file");
+    ``kind`` is a short key for counting ("bbox-size", "image-missing", ...); ``where`` is the
+    record's (section, position) in the JSON lists, None for problems of the whole file.
+    """
+
     file: str
-    record: str  # e.g. "annotation 17 (image 3)", "image 5", "file"
-    kind: str  # short key used for skip counts, e.g. "bbox", "image-missing"
+    record: str
+    kind: str
     message: str
-    image_id: int | None = None
-    annotation_id: int | None = None
+    image_id: object = None
+    annotation_id: object = None
+    where: tuple[str, int] | None = field(default=None, compare=False)
 
     def __str__(self) -> str:
         return f"{self.file}: {self.record}: {self.message}"
 
 
+def format_problems(problems: list[Problem], limit: int = 20) -> str:
+    """The first ``limit`` problems, one per line, and how many more there are."""
+    lines = [str(p) for p in problems[:limit]]
+    if len(problems) > limit:
+        lines.append(f"... and {len(problems) - limit} more (run `maskrcnn check-data` to list all)")
+    return "\n".join(lines)
+
+
+def check_coco(annotation_json: str | Path, image_dir: str | Path, *, check_images: bool = True
+               ) -> list[Problem]:
+    """Every problem of a COCO instances file and (optionally) of its image files.
+
+    >>> for problem in check_coco("annotations/instances.json", "images/"):  # doctest: +SKIP
+    ...     print(problem)
+    """
+    return read_and_check(annotation_json, image_dir, check_images=check_images)[1]
+
+
+def read_and_check(annotation_json: str | Path, image_dir: str | Path, *, check_images: bool = True
+                   ) -> tuple[dict | None, list[Problem]]:
+    """The parsed JSON (None if unusable as a whole) and all its problems."""
+    data, problems = read_json(annotation_json)
+    if data is None:
+        return None, problems
+    name = str(annotation_json)
+    problems = _Checker(data, name).run()
+    if check_images:
+        problems += check_image_files(data, name, image_dir)
+    return data, problems
+
+
 def read_json(path: str | Path) -> tuple[dict | None, list[Problem]]:
-    """The parsed file, or None and the problem (missing file, malformed JSON, wrong shape)."""
-    path = Path(path)
+    """The parsed file, or None and why it cannot be used as a COCO instances file at all."""
     name = str(path)
-    if not path.is_file():
-        return None, [Problem(name, "file", "missing", "no such file")]
+
+    def fatal(kind: str, message: str):
+        return None, [Problem(name, "file", kind, message)]
+
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        return None, [Problem(name, "file", "json", f"malformed JSON at line {exc.lineno} column "
-                                                    f"{exc.colno}: {exc.msg}")]
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return fatal("file", "no such file; check the path to the annotation JSON")
+    except IsADirectoryError:
+        return fatal("file", "is a directory; pass the annotation JSON file itself")
     except UnicodeDecodeError:
-        return None, [Problem(name, "file", "json", "not a text file; expected COCO JSON")]
+        return fatal("json", "is not UTF-8 text; expected a COCO JSON file")
+    except OSError as exc:
+        return fatal("file", f"cannot be read ({exc.strerror or type(exc).__name__})")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return fatal("json", f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}")
+    except RecursionError:
+        return fatal("json", "JSON nested too deeply to be a COCO file")
     if not isinstance(data, dict):
-        return None, [Problem(name, "file", "json", f"top level is a {type(data).__name__}; expected "
-                                                    "an object with images, annotations, categories")]
+        return fatal("json", f"top level is a {_type(data)}; a COCO instances file is an object "
+                             "with 'images', 'annotations' and 'categories' lists")
     missing = [k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)]
     if missing:
-        return None, [Problem(name, "file", "keys", f"missing or non-list top-level key(s) "
-                                                    f"{', '.join(missing)}; COCO instance files need "
-                                                    "images, annotations and categories lists")]
+        return fatal("keys", f"missing or non-list top-level key(s) {', '.join(repr(k) for k in missing)}; "
+                             "a COCO instances file needs 'images', 'annotations' and 'categories' lists")
+    if not data["categories"]:
+        return fatal("keys", "'categories' is empty; list every class as {\"id\": ..., \"name\": ...}")
     return data, []
 
 
-def check_records(data: dict, name: str) -> list[Problem]:
-    """Problems in the JSON records themselves (no image files read)."""
-    problems: list[Problem] = []
-    cats, images = {}, {}
-    for c in data["categories"]:
-        if not isinstance(c, dict) or "id" not in c:
-            problems.append(Problem(name, "category", "keys", f"category {c!r} has no 'id'"))
-        elif c["id"] in cats:
-            problems.append(Problem(name, f"category {c['id']}", "duplicate",
-                                    "duplicate category id; ids must be unique"))
-        else:
-            cats[c["id"]] = c
-    for img in data["images"]:
-        missing = [k for k in ("id", "file_name", "height", "width") if not isinstance(img, dict) or k not in img]
+def _type(value) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number" if isinstance(value, (int, float)) else type(value).__name__)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _fmt(values) -> str:
+    """A JSON list as the user wrote it, with floats kept short."""
+    if isinstance(values, list):
+        return "[" + ", ".join(f"{v:g}" if isinstance(v, float) else repr(v) for v in values) + "]"
+    return repr(values)
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _Checker:
+    """Problems of the JSON records themselves (no image files read)."""
+
+    def __init__(self, data: dict, name: str):
+        self.data, self.name = data, name
+        self.problems: list[Problem] = []
+        self.images: dict = {}  # id -> first record with that id
+        self.categories: set = set()
+
+    def run(self) -> list[Problem]:
+        for k, category in enumerate(self.data["categories"]):
+            self._category(k, category)
+        for k, image in enumerate(self.data["images"]):
+            self._image(k, image)
+        seen: set = set()
+        for k, ann in enumerate(self.data["annotations"]):
+            self._annotation(k, ann, seen)
+        return self.problems
+
+    def _add(self, record: str, kind: str, message: str, where: tuple[str, int], **ids) -> None:
+        self.problems.append(Problem(self.name, record, kind, message, where=where, **ids))
+
+    def _category(self, k: int, cat) -> None:
+        where = ("categories", k)
+        if not isinstance(cat, dict) or "id" not in cat:
+            return self._add(f"categories[{k}]", "keys", f"{_show(cat)} has no 'id'; a category is "
+                             "{\"id\": integer, \"name\": string}", where)
+        if not _is_int(cat["id"]):
+            return self._add(f"categories[{k}]", "type", f"category id {_show(cat['id'])} is not an "
+                             "integer", where)
+        if cat["id"] in self.categories:
+            return self._add(f"category {cat['id']}", "duplicate-id", f"duplicate category id "
+                             f"{cat['id']}; give every category its own id", where)
+        self.categories.add(cat["id"])
+
+    def _image(self, k: int, img) -> None:
+        where = ("images", k)
+        if not isinstance(img, dict):
+            return self._add(f"images[{k}]", "type", f"is a {_type(img)}; an image is an object with "
+                             "id, file_name, height, width", where)
+        iid = img.get("id")
+        record = f"image {iid}" if _is_int(iid) else f"images[{k}]"
+        if isinstance(img.get("file_name"), str):
+            record += f" ({img['file_name']})"
+        missing = [key for key in ("id", "file_name", "height", "width") if key not in img]
         if missing:
-            rid = img.get("id", "?") if isinstance(img, dict) else "?"
-            problems.append(Problem(name, f"image {rid}", "keys",
-                                    f"missing key(s) {', '.join(missing)}", image_id=None))
-        elif img["id"] in images:
-            problems.append(Problem(name, f"image {img['id']}", "duplicate",
-                                    "duplicate image id; ids must be unique", image_id=img["id"]))
-        else:
-            images[img["id"]] = img
-    seen = set()
-    for ann in data["annotations"]:
-        problems += _check_annotation(ann, name, images, cats, seen)
-    return problems
+            return self._add(record, "keys", f"missing key(s) {', '.join(missing)}; an image needs "
+                             "id, file_name, height and width", where)
+        wrong = [key for key, ok in (("id", _is_int(iid)),
+                                     ("file_name", isinstance(img["file_name"], str) and img["file_name"]),
+                                     ("height", _is_positive_int(img["height"])),
+                                     ("width", _is_positive_int(img["width"]))) if not ok]
+        if wrong:
+            return self._add(record, "type", "; ".join(f"{key} {_show(img[key])} is invalid" for key in wrong)
+                             + "; id, height and width must be positive integers and file_name a path",
+                             where, image_id=iid if _is_int(iid) else None)
+        if iid in self.images:
+            return self._add(record, "duplicate-id", f"duplicate image id {iid} (also used by "
+                             f"{self.images[iid]['file_name']}); give every image its own id",
+                             where, image_id=iid)
+        self.images[iid] = img
+
+    def _annotation(self, k: int, ann, seen: set) -> None:
+        where = ("annotations", k)
+        if not isinstance(ann, dict):
+            return self._add(f"annotations[{k}]", "type", f"is a {_type(ann)}; an annotation is an "
+                             "object with id, image_id, category_id, bbox", where)
+        aid, iid = ann.get("id"), ann.get("image_id")
+        ids = {"annotation_id": aid if _is_int(aid) else None, "image_id": iid if _is_int(iid) else None}
+        record = (f"annotation {aid}" if _is_int(aid) else f"annotations[{k}]") + \
+                 (f" (image {iid})" if _is_int(iid) else "")
+
+        def add(kind: str, message: str) -> None:
+            self._add(record, kind, message, where, **ids)
+
+        missing = [key for key in ("id", "image_id", "category_id", "bbox") if key not in ann]
+        if missing:
+            return add("keys", f"missing key(s) {', '.join(missing)}; an annotation needs id, image_id, "
+                               "category_id and bbox")
+        if not _is_int(aid) or not _is_int(iid):
+            return add("type", "id and image_id must be integers")
+        if aid in seen:
+            add("duplicate-id", f"duplicate annotation id {aid}; give every annotation its own id")
+        seen.add(aid)
+        image = self.images.get(iid)
+        if image is None:
+            add("unknown-image", f"image_id {iid} is not in 'images'; add the image or remove the annotation")
+        if not _is_int(ann["category_id"]) or ann["category_id"] not in self.categories:
+            known = sorted(self.categories)
+            add("unknown-category", f"category_id {_show(ann['category_id'])} is not in 'categories' "
+                                    f"(known ids: {_fmt(known[:20])}{' ...' if len(known) > 20 else ''})")
+        if ann.get("iscrowd", 0) not in (0, 1):
+            add("type", f"iscrowd {_show(ann['iscrowd'])} must be 0 or 1")
+        for kind, message in _bbox_problems(ann["bbox"], image):
+            add(kind, message)
+        for kind, message in _segmentation_problems(ann.get("segmentation"), image):
+            add(kind, message)
 
 
-def _check_annotation(ann, name: str, images: dict, cats: dict, seen: set) -> list[Problem]:
-    if not isinstance(ann, dict):
-        return [Problem(name, "annotation", "keys", f"annotation {ann!r} is not an object")]
-    aid, iid = ann.get("id", "?"), ann.get("image_id", "?")
-    where = f"annotation {aid} (image {iid})"
+def _is_positive_int(v) -> bool:
+    return _is_number(v) and v > 0 and float(v).is_integer()
 
-    def problem(kind: str, message: str) -> Problem:
-        return Problem(name, where, kind, message, image_id=iid if iid != "?" else None,
-                       annotation_id=aid if aid != "?" else None)
 
-    missing = [k for k in ("id", "image_id", "category_id", "bbox") if k not in ann]
-    if missing:
-        return [problem("keys", f"missing key(s) {', '.join(missing)}")]
-    out = []
-    if aid in seen:
-        out.append(problem("duplicate", "duplicate annotation id; ids must be unique"))
-    seen.add(aid)
-    if iid not in images:
-        out.append(problem("unknown-image", "image_id not listed in 'images'"))
-    if ann["category_id"] not in cats:
-        out.append(problem("unknown-category", f"category_id {ann['category_id']} is not in "
-                                               f"'categories' (known: {sorted(cats)[:20]})"))
-    bbox = ann["bbox"]
-    if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
-        out.append(problem("bbox", f"bbox {bbox!r} must be [x, y, width, height] numbers"))
-    else:
-        x, y, w, h = bbox
-        img = images.get(iid)
-        if w <= 0 or h <= 0:
-            out.append(problem("bbox", f"bbox {bbox} has non-positive width or height; COCO bbox "
-                                       "is [x, y, width, height]"))
-        elif img and (x + w > img["width"] + 1 or y + h > img["height"] + 1) and w > x and h > y \
-                and w <= img["width"] + 1 and h <= img["height"] + 1:
-            out.append(problem("bbox", f"bbox {bbox} extends past the {img['width']}x{img['height']} "
-                                       "image but fits as [x1, y1, x2, y2]; convert it to "
-                                       "[x, y, x2 - x, y2 - y]"))
-        elif img and (x + w > img["width"] + 1 or y + h > img["height"] + 1 or x < -1 or y < -1):
-            out.append(problem("bbox", f"bbox {bbox} lies outside the {img['width']}x{img['height']} image"))
-    seg = ann.get("segmentation")
+def _bbox_problems(bbox, image: dict | None) -> list[tuple[str, str]]:
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+        return [("bbox-type", f"bbox {_show(bbox)} must be four finite numbers [x, y, width, height]")]
+    x, y, w, h = bbox
+    sides = [name for name, v in (("width", w), ("height", h)) if v <= 0]
+    if sides:
+        return [("bbox-size", f"bbox {_fmt(bbox)} has non-positive {' and '.join(sides)}; "
+                              "COCO bbox is [x, y, width, height]")]
+    if image is None:
+        return []
+    width, height = image["width"], image["height"]
+    tol = 1.0  # annotation tools round box edges to whole pixels, sometimes one past the border
+    overflows = x + w > width + tol or y + h > height + tol
+    fits_as_corners = x < w <= width + tol and y < h <= height + tol
+    if overflows and fits_as_corners:
+        return [("bbox-xyxy", f"bbox {_fmt(bbox)} reaches past the {width}x{height} image as "
+                              "[x, y, width, height] but fits as corners [x1, y1, x2, y2]; "
+                              "write it as [x1, y1, x2 - x1, y2 - y1]")]
+    if x >= width or y >= height or x + w <= 0 or y + h <= 0:
+        return [("bbox-outside", f"bbox {_fmt(bbox)} lies entirely outside the {width}x{height} image; "
+                                 "fix its coordinates or remove the annotation")]
+    return []
+
+
+def _segmentation_problems(seg, image: dict | None) -> list[tuple[str, str]]:
+    if seg is None or seg == []:
+        return []  # the box stands in for the mask
     if isinstance(seg, list):
+        out = []
         for k, poly in enumerate(seg):
-            if not isinstance(poly, list) or len(poly) % 2 or len(poly) < 6:
-                n = len(poly) if isinstance(poly, list) else 0
-                out.append(problem("polygon", f"polygon {k} has {n} coordinates; a polygon needs "
-                                              "at least 3 (x, y) points, i.e. 6 numbers"))
-    elif isinstance(seg, dict):
-        if "counts" not in seg or "size" not in seg:
-            out.append(problem("segmentation", "RLE segmentation needs 'counts' and 'size'"))
-    elif seg is not None:
-        out.append(problem("segmentation", "segmentation must be a list of polygons or an RLE object"))
-    return out
+            if not isinstance(poly, list) or not all(_is_number(v) for v in poly):
+                out.append(("polygon", f"polygon {k} must be a flat list of numbers [x0, y0, x1, y1, ...]"))
+            elif len(poly) % 2:
+                out.append(("polygon", f"polygon {k} has an odd number of coordinates ({len(poly)}); "
+                                       "write flat [x0, y0, x1, y1, ...] pairs"))
+            elif len(poly) < 6:
+                out.append(("polygon", f"polygon {k} has {len(poly) // 2} point(s); a polygon needs at "
+                                       "least 3 (x, y) points, i.e. 6 numbers"))
+        return out
+    if isinstance(seg, dict):
+        return _rle_problems(seg, image)
+    return [("segmentation", f"segmentation is a {_type(seg)}; use a list of polygons or an RLE object "
+                             "{\"size\": [h, w], \"counts\": ...}")]
 
 
-def check_images(data: dict, name: str, image_dir: str | Path) -> list[Problem]:
-    """Missing, empty, unreadable images and sizes that differ from the JSON."""
-    problems = []
-    root = Path(image_dir)
-    for img in data["images"]:
-        if not isinstance(img, dict) or not {"id", "file_name", "height", "width"} <= img.keys():
-            continue
-        where = f"image {img['id']} ({img['file_name']})"
-        path = root / img["file_name"]
-        if not path.is_file():
-            problems.append(Problem(name, where, "image-missing", f"file not found at {path}",
-                                    image_id=img["id"]))
-            continue
-        if path.stat().st_size == 0:
-            problems.append(Problem(name, where, "image-empty", f"{path} is a 0-byte file",
-                                    image_id=img["id"]))
-            continue
-        try:
-            with Image.open(path) as im:
-                im.load()
-                size = ImageOps.exif_transpose(im).size
-        except Exception as exc:  # noqa: BLE001 - Pillow raises many types for corrupt files
-            problems.append(Problem(name, where, "image-corrupt", f"{path} cannot be read as an image "
-                                                                  f"({type(exc).__name__})",
-                                    image_id=img["id"]))
-            continue
-        if size != (img["width"], img["height"]):
-            problems.append(Problem(name, where, "image-size",
-                                    f"{path} is {size[0]}x{size[1]} (after EXIF rotation) but the JSON "
-                                    f"says {img['width']}x{img['height']}; fix width/height"))
-    return problems
+def _rle_problems(seg: dict, image: dict | None) -> list[tuple[str, str]]:
+    size, counts = seg.get("size"), seg.get("counts")
+    if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) and v >= 0 for v in size)):
+        return [("rle", f"RLE size {_show(size)} must be [height, width]")]
+    h, w = size
+    if image is not None and (h, w) != (image["height"], image["width"]):
+        return [("rle", f"RLE size [{h}, {w}] differs from the image's [height, width] "
+                        f"[{image['height']}, {image['width']}]; the mask must cover the whole image")]
+    if isinstance(counts, list):
+        if not all(_is_int(c) and c >= 0 for c in counts):
+            return [("rle", "uncompressed RLE counts must be non-negative integers")]
+        runs = counts
+    elif isinstance(counts, str):
+        runs = _decode_rle_string(counts)
+        if runs is None:
+            return [("rle", "compressed RLE counts is not a valid COCO RLE string")]
+    else:
+        return [("rle", f"RLE counts is a {_type(counts)}; use a COCO RLE string or a list of run lengths")]
+    if sum(runs) != h * w:
+        return [("rle", f"RLE runs cover {sum(runs)} pixels but size [{h}, {w}] has {h * w}")]
+    return []
 
 
-def check_coco(annotation_json: str | Path, image_dir: str | Path, *, check_images_: bool = True
-               ) -> list[Problem]:
-    """Every problem of a COCO instances file and its images.
+def _decode_rle_string(s: str) -> list[int] | None:
+    """Run lengths of a compressed COCO RLE string (pycocotools' LEB128-like code), or None if
+    the string is malformed, checked here because the C decoder reads past bad input."""
+    runs: list[int] = []
+    p = 0
+    while p < len(s):
+        x, k, more = 0, 0, True
+        while more:
+            if p >= len(s):
+                return None
+            c = ord(s[p]) - 48
+            if not 0 <= c < 64:
+                return None
+            x |= (c & 0x1F) << 5 * k
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and c & 0x10:
+                x |= -1 << 5 * k
+        if len(runs) > 2:
+            x += runs[-2]  # runs after the first two are stored as differences
+        if x < 0:
+            return None
+        runs.append(x)
+    return runs
 
-    >>> for problem in check_coco("annotations.json", "images/"):  # doctest: +SKIP
-    ...     print(problem)
+
+def check_image_files(data: dict, name: str, image_dir: str | Path, *, threads: int = 8) -> list[Problem]:
+    """Missing, empty and unreadable images, and sizes that differ from the JSON.
+
+    Reads headers and verifies the files without decoding pixels; EXIF-rotated images count
+    with their displayed (upright) size, as ``load_image`` returns them.
     """
-    data, problems = read_json(annotation_json)
-    if data is None:
-        return problems
-    name = str(annotation_json)
-    problems = check_records(data, name)
-    if check_images_:
-        problems += check_images(data, name, image_dir)
-    return problems
+    root = Path(image_dir)
+    jobs = [(k, img) for k, img in enumerate(data["images"])
+            if isinstance(img, dict) and isinstance(img.get("file_name"), str) and img["file_name"]
+            and _is_int(img.get("id")) and _is_positive_int(img.get("height"))
+            and _is_positive_int(img.get("width"))]
+
+    def check(job) -> Problem | None:
+        k, img = job
+        message = _image_file_problem(root / img["file_name"], img)
+        if message is None:
+            return None
+        kind, text = message
+        return Problem(name, f"image {img['id']} ({img['file_name']})", kind, text,
+                       image_id=img["id"], where=("images", k))
+
+    if len(jobs) > 64:  # file checks wait on the disk, so threads overlap them
+        with ThreadPoolExecutor(threads) as pool:
+            found = list(pool.map(check, jobs))
+    else:
+        found = [check(job) for job in jobs]
+    return [p for p in found if p is not None]
 
 
-def summarise(problems: list[Problem], limit: int = 20) -> str:
-    lines = [str(p) for p in problems[:limit]]
-    if len(problems) > limit:
-        lines.append(f"... and {len(problems) - limit} more")
-    return "\n".join(lines)
+def _image_file_problem(path: Path, img: dict) -> tuple[str, str] | None:
+    if not path.is_file():
+        return "image-missing", f"file not found at {path}; check file_name and the image directory"
+    if path.stat().st_size == 0:
+        return "image-empty", f"{path} is a 0-byte file; copy the image again"
+    try:
+        with Image.open(path) as im:
+            im.verify()  # must come straight after open; the file is opened again to read the size
+        with Image.open(path) as im:
+            stored = im.size
+            orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for damaged files
+        return "image-corrupt", f"{path} cannot be read as an image ({type(exc).__name__}: " \
+                                f"{str(exc)[:80]}); replace or remove it"
+    shown = stored[::-1] if orientation in _SWAPS_SIDES else stored
+    expected = (int(img["width"]), int(img["height"]))
+    if shown == expected:
+        return None
+    if stored == expected:
+        return "image-size", (f"{path} is stored as {stored[0]}x{stored[1]} (width x height) but its EXIF "
+                              f"orientation {orientation} displays it as {shown[0]}x{shown[1]}, which is "
+                              f"how it is read; set width {shown[0]} and height {shown[1]} in the JSON "
+                              "(and rotate the annotations), or strip the EXIF orientation")
+    return "image-size", (f"{path} is {shown[0]}x{shown[1]} (width x height, after EXIF rotation) but "
+                          f"the JSON says {expected[0]}x{expected[1]}; fix width/height or the file")
