@@ -1,63 +1,172 @@
+"""COCO evaluation through pycocotools: results files it loads unchanged, the data set's own
+category ids, AP 1 for perfect predictions, crowd regions honoured, mask areas for mask AP."""
+
 import json
 
 import numpy as np
+import pycocotools.mask as mask_util
 import pytest
 import torch
+from PIL import Image
 from pycocotools.coco import COCO
 
-from maskrcnn.data.coco import CocoDataset
-from maskrcnn.evaluation.coco_eval import coco_metrics, format_table, predictions_to_coco
+from maskrcnn.evaluation.coco_eval import coco_metrics, encode_masks, evaluate, format_table, \
+    predictions_to_coco
+
+H, W = 40, 50
+CATEGORIES = [{"id": 7, "name": "cat"}, {"id": 3, "name": "dog"}]  # not contiguous, not sorted
 
 
-def gt_as_outputs(ds):
+def box_mask(x, y, w, h):
+    m = np.zeros((H, W), bool)
+    m[y:y + h, x:x + w] = True
+    return m
+
+
+def rle(mask):
+    r = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+    r["counts"] = r["counts"].decode()
+    return r
+
+
+@pytest.fixture
+def gt_file(tmp_path):
+    """Image 1: a cat (polygon) and a dog (RLE); image 2: a dog and a crowd of cats;
+    image 3: nothing. PNG files next to the JSON so a CocoDataset can read them."""
+    images = [{"id": i, "file_name": f"{i}.png", "height": H, "width": W} for i in (1, 2, 3)]
+    anns = [
+        {"id": 10, "image_id": 1, "category_id": 7, "bbox": [5, 10, 20, 10], "area": 200, "iscrowd": 0,
+         "segmentation": [[5, 10, 25, 10, 25, 20, 5, 20]]},
+        {"id": 11, "image_id": 1, "category_id": 3, "bbox": [30, 5, 12, 30], "area": 360, "iscrowd": 0,
+         "segmentation": rle(box_mask(30, 5, 12, 30))},
+        {"id": 12, "image_id": 2, "category_id": 3, "bbox": [2, 2, 20, 20], "area": 400, "iscrowd": 0,
+         "segmentation": rle(box_mask(2, 2, 20, 20))},
+        {"id": 13, "image_id": 2, "category_id": 7, "bbox": [30, 20, 15, 15], "area": 225, "iscrowd": 1,
+         "segmentation": rle(box_mask(30, 20, 15, 15))},
+    ]
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": CATEGORIES}))
+    for img in images:
+        Image.fromarray(np.full((H, W, 3), 128, np.uint8)).save(tmp_path / img["file_name"])
+    return path
+
+
+def perfect_outputs(path):
+    """Model-style outputs reproducing every non-crowd GT instance (labels 1..K by sorted id)."""
+    coco = COCO(str(path))
+    label = {3: 1, 7: 2}
     outputs = []
-    for i in range(len(ds)):
-        t = ds.target(i)
-        outputs.append({"boxes": t["boxes"], "labels": t["labels"], "scores": torch.full((len(t["labels"]),), 0.5),
-                        "masks": t["masks"].to_tensor().bool()})
+    for image_id in (1, 2, 3):
+        anns = [a for a in coco.imgToAnns[image_id] if not a["iscrowd"]]
+        boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
+                               a["bbox"][1] + a["bbox"][3]] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        masks = torch.from_numpy(np.stack([coco.annToMask(a) for a in anns]).astype(bool)) if anns \
+            else torch.zeros(0, H, W, dtype=torch.bool)
+        outputs.append({"boxes": boxes, "labels": torch.tensor([label[a["category_id"]] for a in anns],
+                                                               dtype=torch.int64),
+                        "scores": torch.linspace(0.9, 0.5, len(anns)), "masks": masks})
     return outputs
 
 
-def test_perfect_predictions_score_ap_one_and_use_dataset_ids(small_coco, tmp_path):
-    (path, images), _ = small_coco
-    ds = CocoDataset(path, images)
-    results = predictions_to_coco(gt_as_outputs(ds), ds.image_ids, ds.category_ids)
-    assert {r["category_id"] for r in results} == {3, 7}
+def test_perfect_predictions_score_one_with_the_data_sets_own_ids(gt_file, tmp_path):
+    results = predictions_to_coco(perfect_outputs(gt_file), [1, 2, 3], [3, 7])
+    assert sorted(r["category_id"] for r in results) == [3, 3, 7]
+    first = results[0]
+    assert first["bbox"] == [5.0, 10.0, 20.0, 10.0] and isinstance(first["segmentation"]["counts"], str)
     out = tmp_path / "results.json"
     out.write_text(json.dumps(results))
-    COCO(str(path)).loadRes(str(out))  # pycocotools loads the file unchanged
-    metrics = coco_metrics(path, results, ds.image_ids, ds.class_names, ds.category_ids)
+    COCO(str(gt_file)).loadRes(str(out))  # the file as written, unchanged
+    metrics = coco_metrics(gt_file, results)
+    for kind in ("bbox", "segm"):
+        assert metrics[kind]["AP"] == pytest.approx(1.0)
+        assert metrics[kind]["AP50"] == pytest.approx(1.0)
+    assert metrics["per_category"]["cat"]["segm"] == pytest.approx(1.0)
+    assert metrics["per_category"]["dog"]["bbox"] == pytest.approx(1.0)
+
+
+def test_a_callable_mapping_equals_the_id_list(gt_file):
+    outputs = perfect_outputs(gt_file)
+    assert predictions_to_coco(outputs, [1, 2, 3], lambda label: [3, 7][label - 1]) == \
+        predictions_to_coco(outputs, [1, 2, 3], [3, 7])
+
+
+def test_swapped_category_ids_score_zero(gt_file):
+    """The classic mix-up: model labels written as category ids."""
+    results = predictions_to_coco(perfect_outputs(gt_file), [1, 2, 3], [7, 3])
+    assert coco_metrics(gt_file, results)["segm"]["AP"] == pytest.approx(0.0)
+
+
+def extra_detection(outputs, image_index, mask, score=0.99, label=2):
+    o = outputs[image_index]
+    ys, xs = np.nonzero(mask)
+    box = torch.tensor([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], dtype=torch.float32)
+    outputs[image_index] = {"boxes": torch.cat([o["boxes"], box]),
+                            "labels": torch.cat([o["labels"], torch.tensor([label])]),
+                            "scores": torch.cat([o["scores"], torch.tensor([score])]),
+                            "masks": torch.cat([o["masks"], torch.from_numpy(mask)[None]])}
+    return outputs
+
+
+def test_a_detection_on_a_crowd_region_is_not_a_false_positive(gt_file):
+    on_crowd = extra_detection(perfect_outputs(gt_file), 1, box_mask(32, 22, 10, 10))
+    metrics = coco_metrics(gt_file, predictions_to_coco(on_crowd, [1, 2, 3], [3, 7]))
     assert metrics["bbox"]["AP"] == pytest.approx(1.0) and metrics["segm"]["AP"] == pytest.approx(1.0)
-    assert metrics["per_category"]["dog"]["segm"] == pytest.approx(1.0)
-    assert "mask" in format_table(metrics)
+    elsewhere = extra_detection(perfect_outputs(gt_file), 1, box_mask(25, 0, 10, 10))
+    metrics = coco_metrics(gt_file, predictions_to_coco(elsewhere, [1, 2, 3], [3, 7]))
+    assert metrics["bbox"]["AP"] < 0.9 and metrics["segm"]["AP"] < 0.9
 
 
-def test_detection_on_a_crowd_region_is_not_a_false_positive(small_coco):
-    (path, images), _ = small_coco
-    ds = CocoDataset(path, images)
-    outputs = gt_as_outputs(ds)
-    crowd = torch.zeros(1, 40, 50, dtype=torch.bool)
-    crowd[0, 20:35, 30:45] = True  # inside image 2's crowd region (category 7 = label 2)
-    o = outputs[1]
-    outputs[1] = {"boxes": torch.cat([o["boxes"], torch.tensor([[30.0, 20, 45, 35]])]),
-                  "labels": torch.cat([o["labels"], torch.tensor([2])]),
-                  "scores": torch.cat([o["scores"], torch.tensor([0.99])]),
-                  "masks": torch.cat([o["masks"], crowd])}
-    results = predictions_to_coco(outputs, ds.image_ids, ds.category_ids)
-    metrics = coco_metrics(path, results, ds.image_ids, ds.class_names, ds.category_ids)
-    assert metrics["segm"]["AP"] == pytest.approx(1.0)
-    # the same detection away from the crowd region is a false positive and costs AP
-    far = [dict(r) for r in results]
-    far[-1]["bbox"] = [0.0, 30.0, 10.0, 9.0]
-    far[-1]["segmentation"] = predictions_to_coco(
-        [{"boxes": torch.tensor([[0.0, 30, 10, 39]]), "labels": torch.tensor([2]),
-          "scores": torch.tensor([0.99]), "masks": torch.from_numpy(np.pad(np.ones((9, 10), bool), ((30, 1), (0, 40))))[None]}],
-        [2], ds.category_ids)[0]["segmentation"]
-    assert coco_metrics(path, far, ds.image_ids, ds.class_names, ds.category_ids)["segm"]["AP"] < 0.99
+def test_mask_ap_uses_mask_areas_not_box_areas(gt_file):
+    """A false positive whose mask is medium-sized (1120 px^2) but whose box is tiny belongs to
+    the medium bucket for mask AP, so it must not cost APs, where all the ground truth is
+    (pycocotools would take the area from the box if the results kept their boxes)."""
+    outputs = extra_detection(perfect_outputs(gt_file), 2, box_mask(0, 0, 40, 28), label=1)
+    outputs[2]["boxes"][-1] = torch.tensor([0.0, 0.0, 2.0, 2.0])
+    metrics = coco_metrics(gt_file, predictions_to_coco(outputs, [1, 2, 3], [3, 7]))
+    assert metrics["segm"]["APs"] == pytest.approx(1.0)
+    assert metrics["bbox"]["APs"] < 1.0  # as a box it is small, and a false positive
+    assert metrics["segm"]["AP"] < 1.0  # over all areas it counts
 
 
-def test_no_detections_give_zero_ap(small_coco):
-    (path, images), _ = small_coco
-    ds = CocoDataset(path, images)
-    metrics = coco_metrics(path, [], ds.image_ids, ds.class_names, ds.category_ids)
-    assert metrics["segm"]["AP"] == 0.0 and metrics["per_category"]["cat"]["bbox"] == 0.0
+def test_no_detections_give_zero_ap_and_undefined_ranges_none(gt_file):
+    metrics = coco_metrics(gt_file, [])
+    assert metrics["bbox"]["AP"] == 0.0 and metrics["segm"]["AP"] == 0.0
+    assert metrics["per_category"]["cat"]["bbox"] == 0.0
+    assert metrics["segm"]["APl"] is None  # no large ground-truth object: undefined, not 0
+    assert "-" in format_table(metrics)
+
+
+def test_encode_masks_round_trips():
+    masks = torch.rand(3, 7, 9, generator=torch.Generator().manual_seed(0)) > 0.5
+    decoded = mask_util.decode([{**r, "counts": r["counts"].encode()} for r in encode_masks(masks)])
+    assert np.array_equal(decoded.transpose(2, 0, 1), masks.numpy())
+
+
+class GroundTruthModel(torch.nn.Module):
+    """Stands in for Mask R-CNN: returns the perfect outputs image by image, in order."""
+
+    def __init__(self, outputs):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.outputs, self.calls = outputs, 0
+
+    def forward(self, images):
+        assert not self.training and torch.is_inference_mode_enabled()
+        assert all(im.shape == (3, H, W) for im in images)
+        out = self.outputs[self.calls:self.calls + len(images)]
+        self.calls += len(images)
+        return out
+
+
+def test_evaluate_runs_the_model_and_writes_a_loadable_results_file(gt_file, tmp_path):
+    from maskrcnn.data.coco import CocoDataset
+
+    dataset = CocoDataset(gt_file, tmp_path)
+    model = GroundTruthModel(perfect_outputs(gt_file)).train()
+    metrics = evaluate(model, dataset, batch_size=2, device="cpu", out_json=tmp_path / "out" / "r.json",
+                       progress=False)
+    assert model.training  # mode restored
+    assert metrics["segm"]["AP"] == pytest.approx(1.0) and metrics["bbox"]["AP"] == pytest.approx(1.0)
+    COCO(str(gt_file)).loadRes(str(tmp_path / "out" / "r.json"))
+    table = format_table(metrics)
+    assert "cat" in table and "dog" in table and "100.0" in table

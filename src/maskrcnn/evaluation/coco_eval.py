@@ -1,11 +1,26 @@
-"""COCO box and mask AP computed by pycocotools itself, on results files it loads unchanged."""
+"""COCO box and mask AP computed by pycocotools itself, on results files it loads unchanged.
+
+Two details decide whether numbers match other implementations:
+
+* Category ids in the results are the data set's own (``label_to_category``), never the
+  model's contiguous labels; mixing them up is the usual cause of "AP 0".
+* Mask AP is computed from results without their ``bbox`` field. ``COCO.loadRes`` sets each
+  result's area from its box when one is present, which would put instances into the wrong
+  small/medium/large bucket for masks; Detectron2 and torchvision evaluate masks this way too.
+  The results file keeps both fields.
+
+Crowd regions need nothing here: pycocotools reads ``iscrowd`` from the ground-truth file and
+does not count detections that fall on them as false positives.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -15,91 +30,177 @@ from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 
 STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+IOU_TYPES = ("bbox", "segm")
+
+
+def encode_masks(masks: Tensor) -> list[dict]:
+    """(N, H, W) bool -> N compressed RLEs with ``counts`` as str (JSON-ready).
+
+    >>> m = torch.zeros(1, 4, 5, dtype=torch.bool); m[0, 1:3, 2:4] = True
+    >>> encode_masks(m)[0]["size"]
+    [4, 5]
+    """
+    if len(masks) == 0:
+        return []
+    array = np.asfortranarray(masks.cpu().numpy().astype(np.uint8).transpose(1, 2, 0))  # (H, W, N)
+    rles = mask_util.encode(array)
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")
+    return rles
 
 
 def encode_mask(mask: Tensor) -> dict:
-    """(H, W) bool -> compressed RLE with ``counts`` as str (JSON-ready)."""
-    rle = mask_util.encode(np.asfortranarray(mask.cpu().numpy().astype(np.uint8)))
-    rle["counts"] = rle["counts"].decode("ascii")
-    return rle
+    """(H, W) bool -> one compressed RLE with ``counts`` as str."""
+    return encode_masks(mask[None])[0]
 
 
-def predictions_to_coco(outputs: list[dict], image_ids: list[int], category_ids: list[int]) -> list[dict]:
-    """Model outputs -> COCO results (xywh boxes, RLE masks, the data set's own category ids)."""
+def predictions_to_coco(outputs: Sequence[dict], image_ids: Sequence[int],
+                        label_to_category: Callable[[int], int] | Sequence[int]) -> list[dict]:
+    """Model outputs -> COCO results: ``image_id``, ``category_id``, ``bbox`` [x, y, w, h],
+    ``score`` and ``segmentation`` (compressed RLE).
+
+    ``outputs[i]`` (one per image): ``boxes`` (N, 4) xyxy, ``labels`` (N,) in 1..K, ``scores``
+    (N,), ``masks`` (N, H, W) bool. ``label_to_category`` is the data set's mapping (e.g.
+    ``dataset.label_to_category``) or its list of category ids indexed by ``label - 1``.
+
+    >>> out = {"boxes": torch.tensor([[1.0, 2, 4, 6]]), "labels": torch.tensor([2]),
+    ...        "scores": torch.tensor([0.9]), "masks": torch.ones(1, 8, 8, dtype=torch.bool)}
+    >>> r = predictions_to_coco([out], [42], [7, 9])[0]
+    >>> r["image_id"], r["category_id"], r["bbox"]
+    (42, 9, [1.0, 2.0, 3.0, 4.0])
+    """
+    if callable(label_to_category):
+        to_category = label_to_category
+    else:
+        category_ids = list(label_to_category)
+
+        def to_category(label: int) -> int:
+            return category_ids[label - 1]
+
     results = []
     for out, image_id in zip(outputs, image_ids):
-        boxes = out["boxes"].tolist()
-        for i, (x1, y1, x2, y2) in enumerate(boxes):
-            results.append({"image_id": int(image_id),
-                            "category_id": int(category_ids[int(out["labels"][i]) - 1]),
-                            "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(out["scores"][i]),
-                            "segmentation": encode_mask(out["masks"][i])})
+        boxes = out["boxes"].detach().cpu()
+        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+        rles = encode_masks(out["masks"]) if "masks" in out else [None] * len(xywh)
+        for box, label, score, rle in zip(xywh, out["labels"].tolist(), out["scores"].tolist(), rles):
+            result = {"image_id": int(image_id), "category_id": int(to_category(int(label))),
+                      "bbox": box, "score": float(score)}
+            if rle is not None:
+                result["segmentation"] = rle
+            results.append(result)
     return results
 
 
-def coco_metrics(annotation_json: str | Path, results: list[dict], image_ids: list[int],
-                 class_names: list[str], category_ids: list[int]) -> dict:
-    """AP table for "bbox" and "segm" plus per-category AP (fractions in [0, 1])."""
+def _load_gt(annotations: str | Path | COCO) -> COCO:
+    if isinstance(annotations, COCO):
+        return annotations
     with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(str(annotation_json))
-    metrics: dict = {"per_category": {name: {} for name in class_names}}
-    for iou_type in ("bbox", "segm"):
-        if not results:
-            metrics[iou_type] = {k: 0.0 for k in STATS}
-            for name in class_names:
-                metrics["per_category"][name][iou_type] = 0.0
-            continue
+        return COCO(str(annotations))
+
+
+def _load_results(gt: COCO, results: list[dict]) -> COCO:
+    """``gt.loadRes``, which cannot take an empty list: then an empty results set."""
+    if results:
         with contextlib.redirect_stdout(io.StringIO()):
-            dt = gt.loadRes(results)
-            ev = COCOeval(gt, dt, iou_type)
-            ev.params.imgIds = list(image_ids)
+            return gt.loadRes(copy.deepcopy(results))
+    empty = COCO()
+    empty.dataset = {"images": list(gt.dataset["images"]), "categories": list(gt.dataset["categories"]),
+                     "annotations": []}
+    empty.createIndex()
+    return empty
+
+
+def _undefined_to_none(value: float) -> float | None:
+    return None if value < 0 else float(value)  # pycocotools' -1: no ground truth in this range
+
+
+def coco_metrics(annotations: str | Path | COCO, results: list[dict],
+                 image_ids: Sequence[int] | None = None) -> dict:
+    """pycocotools' AP for "bbox" and "segm", and per-category AP (IoU 0.5:0.95, all areas).
+
+    Returns ``{"bbox": {AP, AP50, AP75, APs, APm, APl}, "segm": {...}, "per_category":
+    {name: {"bbox": AP, "segm": AP}}}``, fractions in [0, 1]; ``None`` where the ground truth
+    has no instance to measure (e.g. APs without small objects). No detections give AP 0.
+    ``image_ids`` restricts the evaluation (default: every image of the ground truth).
+    """
+    gt = _load_gt(annotations)
+    cats = sorted(gt.dataset["categories"], key=lambda c: c["id"])
+    names = [c.get("name", str(c["id"])) for c in cats]
+    names = [n if names.count(n) == 1 else f"{n} ({c['id']})" for n, c in zip(names, cats)]
+    metrics: dict = {"per_category": {n: {} for n in names}}
+    for iou_type in IOU_TYPES:
+        # Mask results lose their box so that loadRes takes each instance's area from the mask.
+        dets = results if iou_type == "bbox" else [{k: v for k, v in r.items() if k != "bbox"}
+                                                   for r in results if "segmentation" in r]
+        ev = COCOeval(gt, _load_results(gt, dets), iou_type)
+        if image_ids is not None:
+            ev.params.imgIds = sorted(int(i) for i in image_ids)
+        with contextlib.redirect_stdout(io.StringIO()):
             ev.evaluate()
             ev.accumulate()
             ev.summarize()
-        metrics[iou_type] = {k: max(float(v), 0.0) for k, v in zip(STATS, ev.stats[:6])}
-        precision = ev.eval["precision"]  # (iou, recall, category, area, max dets)
-        for k, (name, cid) in enumerate(zip(class_names, category_ids)):
-            idx = ev.params.catIds.index(cid)
-            p = precision[:, :, idx, 0, -1]
-            metrics["per_category"][name][iou_type] = float(p[p > -1].mean()) if (p > -1).any() else 0.0
+        metrics[iou_type] = {k: _undefined_to_none(v) for k, v in zip(STATS, ev.stats[:6])}
+        precision = ev.eval["precision"]  # (IoU thresholds, recall, category, area, max dets)
+        for name, cat in zip(names, cats):
+            p = precision[:, :, ev.params.catIds.index(cat["id"]), 0, -1]
+            metrics["per_category"][name][iou_type] = float(p[p > -1].mean()) if (p > -1).any() else None
     return metrics
 
 
-def evaluate(model, dataset, *, device=None, batch_size: int = 1, out_json: str | Path | None = None,
-             progress: bool = True) -> dict:
+def evaluate(model: torch.nn.Module, dataset, *, batch_size: int = 1, device: str | torch.device | None = None,
+             out_json: str | Path | None = None, progress: bool = True) -> dict:
     """Run ``model`` on every image of a ``CocoDataset`` and score it with pycocotools.
 
-    >>> metrics = evaluate(model, CocoDataset("val.json", "val"))  # doctest: +SKIP
-    >>> metrics["segm"]["AP"]  # doctest: +SKIP
+    The model runs in eval mode under ``torch.inference_mode`` (its mode is restored after).
+    ``out_json`` receives the COCO results file. Returns :func:`coco_metrics`' dict.
+
+    >>> metrics = evaluate(model, CocoDataset("val.json", "val"), out_json="results.json")  # doctest: +SKIP
+    >>> print(format_table(metrics))  # doctest: +SKIP
     """
     from tqdm import tqdm
 
     from maskrcnn.data.loader import build_test_loader
 
-    device = device or next(model.parameters()).device
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
-    results = []
-    loader = build_test_loader(dataset, batch_size=batch_size)
-    with torch.inference_mode():
-        for images, targets in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
-            outputs = model([im.to(device) for im in images])
-            outputs = [{k: v.cpu() for k, v in o.items()} for o in outputs]
-            results += predictions_to_coco(outputs, [t["image_id"] for t in targets], dataset.category_ids)
-    model.train(was_training)
+    results: list[dict] = []
+    try:
+        with torch.inference_mode():
+            loader = build_test_loader(dataset, batch_size=batch_size)
+            for images, targets in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
+                outputs = model([im.to(device) for im in images])
+                outputs = [{k: v.cpu() for k, v in o.items()} for o in outputs]
+                results += predictions_to_coco(outputs, [t["image_id"] for t in targets],
+                                               dataset.label_to_category)
+    finally:
+        model.train(was_training)
     if out_json:
-        Path(out_json).write_text(json.dumps(results))
-    return coco_metrics(dataset.annotation_json, results, dataset.image_ids, dataset.class_names,
-                        dataset.category_ids)
+        out_json = Path(out_json)
+        out_json.parent.mkdir(parents=True, exist_ok=True)
+        out_json.write_text(json.dumps(results))
+    return coco_metrics(dataset.annotation_json, results, dataset.image_ids)
 
 
 def format_table(metrics: dict) -> str:
-    """The AP table (percent) and the per-category AP."""
+    """The AP table in percent, then AP per category; ``-`` where AP is undefined.
+
+    >>> row = {k: 0.5 for k in STATS}
+    >>> print(format_table({"bbox": row, "segm": row, "per_category": {"cat": {"bbox": 0.5, "segm": None}}}))
+                AP    AP50    AP75     APs     APm     APl
+    box       50.0    50.0    50.0    50.0    50.0    50.0
+    mask      50.0    50.0    50.0    50.0    50.0    50.0
+    <BLANKLINE>
+    category              box AP  mask AP
+    cat                     50.0        -
+    """
+    def cell(value: float | None, width: int) -> str:
+        return f"{'-':>{width}s}" if value is None else f"{100 * value:{width}.1f}"
+
     lines = [f"{'':6s}" + "".join(f"{k:>8s}" for k in STATS)]
     for kind, label in (("bbox", "box"), ("segm", "mask")):
-        lines.append(f"{label:6s}" + "".join(f"{100 * metrics[kind][k]:8.1f}" for k in STATS))
-    lines.append("")
-    lines.append(f"{'category':20s}{'box AP':>8s}{'mask AP':>9s}")
-    for name, values in metrics["per_category"].items():
-        lines.append(f"{name:20s}{100 * values['bbox']:8.1f}{100 * values['segm']:9.1f}")
+        lines.append(f"{label:6s}" + "".join(cell(metrics[kind][k], 8) for k in STATS))
+    lines += ["", f"{'category':20s}{'box AP':>8s}{'mask AP':>9s}"]
+    for name, values in metrics.get("per_category", {}).items():
+        lines.append(f"{name[:20]:20s}{cell(values.get('bbox'), 8)}{cell(values.get('segm'), 9)}")
     return "\n".join(lines)
