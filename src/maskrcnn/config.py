@@ -111,9 +111,10 @@ class SolverConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     max_iter: int = 90000
-    max_minutes: float = 0.0  # > 0: stop (and schedule) by wall time instead of iterations
+    max_minutes: float = 0.0  # > 0: stop (and schedule) by wall time; max_iter is then a cap
     schedule: str = "multistep"  # "multistep" or "cosine"
-    steps: tuple[float, ...] = (60000, 80000)  # iterations, or fractions of max_iter if < 1
+    # Iterations, or fractions of max_iter if < 1; floats so YAML fractions are not read as ints.
+    steps: tuple[float, ...] = (60000.0, 80000.0)
     gamma: float = 0.1
     warmup_iters: int = 1000
     warmup_factor: float = 0.001
