@@ -1,20 +1,38 @@
 """The training loop: SGD with warmup and a schedule, logging, periodic evaluation, atomic
-checkpoints with exact resume, a stop on non-finite losses, and DistributedDataParallel."""
+checkpoints with exact resume, a stop on non-finite losses, and DistributedDataParallel.
+
+Files in ``config.output_dir``: ``config.yaml`` (the config actually used), ``metrics.jsonl``
+(one JSON object per ``log_period`` iterations and per evaluation), ``checkpoints/``
+(see :mod:`maskrcnn.engine.checkpoint`), and at the end ``model_final.safetensors`` and,
+with a validation set, ``results.json`` (COCO results of the final model).
+
+Every random draw of iteration ``it`` (anchor and RoI sampling inside the model) comes from
+generators seeded with ``(seed, rank, it)``, just as the data stream is a function of
+``(seed, it)``. So a run resumed from a checkpoint, in any number of processes, repeats exactly
+what the uninterrupted run would have done, and evaluating in between changes nothing.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import random
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
-from maskrcnn.config import Config
+from maskrcnn.config import Config, ConfigError, to_dict
 from maskrcnn.engine import distributed as dist
-from maskrcnn.engine.checkpoint import NAME, load_checkpoint, save_checkpoint
+from maskrcnn.engine.checkpoint import last_checkpoint, load_checkpoint, save_checkpoint
 from maskrcnn.engine.schedule import lr_at
+
+Callback = Callable[[int, dict], None]
 
 
 class TrainingError(RuntimeError):
@@ -22,8 +40,13 @@ class TrainingError(RuntimeError):
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on weights and biases, none on normalisation parameters."""
-    norm_types = (nn.BatchNorm2d, nn.GroupNorm, nn.SyncBatchNorm)
+    """Trainable parameters in two SGD groups: with weight decay, and normalisation
+    parameters without it (decaying BN/GN scales towards 0 only fights the normalisation).
+
+    >>> [len(g["params"]) for g in param_groups(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), 1e-4)]
+    [2, 2]
+    """
+    norm_types = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
     decay, no_decay = [], []
     for module in model.modules():
         for p in module.parameters(recurse=False):
@@ -32,164 +55,353 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def check_finite(losses: dict[str, torch.Tensor], iteration: int) -> None:
-    bad = [k for k, v in losses.items() if not torch.isfinite(v).all()]
+def check_finite(losses: dict, iteration: int, checkpoint: str | Path | None = None) -> None:
+    """Raise :class:`TrainingError` naming the iteration, the non-finite terms and likely causes.
+
+    >>> try:
+    ...     check_finite({"loss_mask": 0.3, "loss_box_reg": float("nan")}, 12)
+    ... except TrainingError as exc:
+    ...     print(str(exc)[:43])
+    iteration 12: non-finite loss_box_reg (nan)
+    """
+    bad = {k: float(v) for k, v in losses.items() if not math.isfinite(float(v))}
     if bad:
+        kept = f"the last checkpoint ({checkpoint}) is kept" if checkpoint else "no checkpoint was written yet"
         raise TrainingError(
-            f"iteration {iteration}: non-finite {', '.join(bad)}; training stopped and the last "
-            "checkpoint was kept. Likely causes: a learning rate too high (lower solver.base_lr or "
-            "lengthen solver.warmup_iters), bad boxes in the data (run `maskrcnn check-data`: "
-            "[x, y, w, h] read as corners, zero-size boxes), or fp16 overflow (solver.amp=false)")
+            f"iteration {iteration}: non-finite {', '.join(f'{k} ({v})' for k, v in bad.items())}; "
+            f"training stopped and {kept}. Likely causes: a learning rate too high (lower "
+            "solver.base_lr or lengthen solver.warmup_iters), bad boxes in the data ([x, y, w, h] "
+            "passed as [x1, y1, x2, y2], zero-size boxes; run `maskrcnn check-data`), or fp16 "
+            "overflow under AMP (solver.amp=false); solver.clip_grad_norm may also help")
 
 
-def _to_device(targets: list[dict], device: torch.device) -> list[dict]:
-    return [{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in t.items()} for t in targets]
+class TimeBudget:
+    """Chooses ``max_iter`` so that training ends when ``seconds`` of wall time are spent.
+
+    The speed is measured after ``WARMUP`` iterations (the first ones are slow: allocations,
+    caches) and re-measured every ``EVERY`` iterations, so the schedule (a cosine, say) ends
+    near the deadline even if the speed drifts. ``spent`` is time already used by a run
+    being resumed. ``update`` returns ``it`` itself once the time is up.
+
+    >>> clock = iter(range(0, 1000, 2)).__next__  # a fake clock, 2 s later at every call
+    >>> budget, max_iter = TimeBudget(100, start_iter=0, cap=10**6, clock=clock), 10**6
+    >>> for it in range(26):  # one call per iteration: 2 s/iteration, 52 s used at it=25
+    ...     max_iter = budget.update(it, max_iter)
+    >>> max_iter  # 25 + 48 s / 2 s
+    49
+    """
+
+    WARMUP, EVERY = 5, 25
+
+    def __init__(self, seconds: float, *, start_iter: int, cap: int, spent: float = 0.0,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.seconds, self.start, self.cap, self.spent, self.clock = seconds, start_iter, cap, spent, clock
+        self.t0 = clock()
+        self.mark: tuple[int, float] | None = None
+
+    def elapsed(self) -> float:
+        return self.spent + self.clock() - self.t0
+
+    def update(self, it: int, max_iter: int) -> int:
+        now = self.clock()
+        remaining = self.seconds - (self.spent + now - self.t0)
+        if remaining <= 0:
+            return it
+        n = it - self.start
+        if self.mark is None and n >= self.WARMUP:
+            self.mark = (it, now)
+        elif self.mark is not None and n % self.EVERY == 0 and it > self.mark[0]:
+            per_iter = (now - self.mark[1]) / (it - self.mark[0])
+            max_iter = min(self.cap, it + max(1, int(remaining / per_iter)))
+        return max_iter
 
 
-class _Log:
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
+def train(config: Config, *, resume: bool = False, init_backbone: str | Path | None = None,
+          progress: bool = True, callbacks: Sequence[Callback] = ()) -> dict:
+    """Train Mask R-CNN as ``config`` says; returns ``{"model", "metrics", "iterations",
+    "seconds", "train_set", "val_set", "output_dir"}`` (``metrics``: final COCO AP or None).
 
-    def write(self, row: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
+    ``resume`` continues from ``output_dir/checkpoints`` exactly where it stopped (the same
+    batches, random draws and learning rates as an uninterrupted run). ``init_backbone`` is an
+    ImageNet ResNet state dict (torchvision ``.pth`` or ``.safetensors``), used on a fresh start.
+    Each callback is called as ``callback(iteration, losses)`` after every iteration, in every
+    process, with the losses averaged over processes; an exception from it ends training as a
+    kill would (nothing more is written). Launched by ``torchrun`` with several processes, each
+    takes ``ims_per_batch / world_size`` images and only rank 0 writes files.
+
+    >>> from maskrcnn.config_io import load_config
+    >>> result = train(load_config("configs/small_cpu_shapes.yaml"))  # doctest: +SKIP
+    >>> result["metrics"]["segm"]["AP"]  # doctest: +SKIP
+    """
+    return _Trainer(config, resume=resume, init_backbone=init_backbone, progress=progress,
+                    callbacks=callbacks).run()
+
+
+def pick_device(name: str) -> torch.device:
+    """``"auto"``: the GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(*keys: int) -> None:
+    """Seed Python's, NumPy's and torch's (CPU and CUDA) global generators from ``keys``.
+
+    >>> seed_everything(0, 1, 2); a = torch.rand(1); seed_everything(0, 1, 2); bool(a == torch.rand(1))
+    True
+    """
+    seed = int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class _Trainer:
+    def __init__(self, config: Config, *, resume: bool, init_backbone, progress: bool,
+                 callbacks: Sequence[Callback]):
+        device = pick_device(config.device)
+        self.rank, self.world = dist.init_from_env(device.type)
+        if self.world > 1 and device.type == "cuda":
+            device = torch.device("cuda", dist.local_rank())
+        self.device, self.main = device, self.rank == 0
+        self.progress, self.callbacks = progress, list(callbacks)
+        self.out = Path(config.output_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+        seed_everything(config.seed)  # the same initial weights in every process
+        self.config = self._load_data(config)
+        self._build_model(init_backbone if not (resume and last_checkpoint(self.ckpt_dir)) else None)
+        self._prepare_state(resume)
+        s = self.config.solver
+        if s.ims_per_batch % self.world:
+            raise ConfigError(f"solver.ims_per_batch={s.ims_per_batch} (the total batch) is not "
+                              f"divisible by the {self.world} processes")
+        from maskrcnn.data.loader import build_train_loader
+
+        d = self.config.data
+        self.loader = build_train_loader(
+            self.train_set, batch_size=s.ims_per_batch // self.world, num_workers=d.num_workers,
+            aspect_ratio_grouping=d.aspect_ratio_grouping, seed=self.config.seed, start_iter=self.start,
+            rank=self.rank, world_size=self.world, flip_prob=d.flip_prob)
+
+    # ------------------------------------------------------------------------------ setup
+
+    def _load_data(self, config: Config) -> Config:
+        from maskrcnn.data.coco import CocoDataset
+        from maskrcnn.data.validate import DataError
+
+        d = config.data
+        if not d.train_json or not d.train_images:
+            raise ConfigError("data.train_json and data.train_images must name a COCO-format "
+                              "training set (e.g. data.train_json=data/shapes/train.json)")
+        self.train_set = CocoDataset(d.train_json, d.train_images, drop_empty=d.drop_empty, skip_bad=d.skip_bad)
+        if self.main and sum(self.train_set.skipped.values()):
+            print(f"skipped records in {d.train_json}: {self.train_set.skipped_summary()}")
+        self.val_set = CocoDataset(d.val_json, d.val_images, skip_bad=d.skip_bad) if d.val_json else None
+        if self.val_set is not None and self.val_set.category_ids != self.train_set.category_ids:
+            raise DataError(f"{d.val_json} has category ids {self.val_set.category_ids} but {d.train_json} "
+                            f"has {self.train_set.category_ids}; both must list the same categories")
+        k = self.train_set.num_classes
+        if config.model.roi_heads.num_classes != k:
+            if self.main:
+                print(f"model.roi_heads.num_classes={config.model.roi_heads.num_classes} but "
+                      f"{d.train_json} has {k} categories: training {k} classes")
+            config = replace(config, model=replace(config.model, roi_heads=replace(
+                config.model.roi_heads, num_classes=k)))
+        return config
+
+    def _build_model(self, init_backbone) -> None:
+        from maskrcnn.modeling.mask_rcnn import build_model
+
+        s = self.config.solver
+        self.model = build_model(self.config.model).to(self.device)
+        if init_backbone:
+            from maskrcnn.interop.torchvision import load_backbone_weights
+
+            report = load_backbone_weights(self.model, init_backbone)  # torch.load(weights_only=True)
+            if self.main:
+                print(f"backbone weights from {init_backbone}: {report}")
+        self.optimizer = torch.optim.SGD(param_groups(self.model, s.weight_decay), lr=s.base_lr,
+                                         momentum=s.momentum)
+        self.use_amp = s.amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.net = self.model
+        if self.world > 1:
+            self.net = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def _prepare_state(self, resume: bool) -> None:
+        s = self.config.solver
+        self.start, self.max_iter, spent = 0, s.max_iter, 0.0
+        self.metrics: dict | None = None
+        found = last_checkpoint(self.ckpt_dir)
+        if resume and found is not None:
+            info = load_checkpoint(self.ckpt_dir, model=self.model, optimizer=self.optimizer,
+                                   scaler=self.scaler)
+            self.start = info["iteration"]
+            spent = info["extra"].get("elapsed", 0.0)
+            if s.max_minutes > 0:
+                self.max_iter = info["extra"].get("max_iter", self.max_iter)
+            if self.main:
+                print(f"resumed from {info['path']} at iteration {self.start}")
+        elif self.main:
+            if resume:
+                print(f"no checkpoint in {self.ckpt_dir}: starting from iteration 0")
+            elif found is not None:
+                previous = self.out / "checkpoints.previous"
+                if previous.exists():
+                    import shutil
+
+                    shutil.rmtree(previous)
+                os.replace(self.ckpt_dir, previous)
+                print(f"{self.out} held an earlier run: its checkpoints moved to {previous} "
+                      "(pass resume=True / --resume to continue a run instead)")
+        self.saved_at = self.start if self.start else None
+        self.budget = TimeBudget(s.max_minutes * 60, start_iter=self.start, cap=s.max_iter, spent=spent) \
+            if s.max_minutes > 0 else None
+        self.t0, self.spent = time.perf_counter(), spent
+        if self.main:
+            from maskrcnn.config_io import save_config
+
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(self.config, self.out / "config.yaml")
+            _truncate_log(self.out / "metrics.jsonl", self.start)
+
+    # ------------------------------------------------------------------------------- loop
+
+    def run(self) -> dict:
+        from tqdm import tqdm
+
+        s = self.config.solver
+        self.bar = tqdm(total=self.max_iter, initial=self.start, desc="train", dynamic_ncols=True,
+                        disable=not (self.progress and self.main))
+        it, losses = self.start, None
+        while True:
+            self._resize(it)
+            if it >= self.max_iter:
+                break
+            losses = self._step(it)
+            it += 1
+            self.bar.update(1)
+            if it % s.log_period == 0:
+                self._log(it, losses)
+            if s.checkpoint_period and it % s.checkpoint_period == 0:
+                self._save(it)
+            if s.eval_period and it % s.eval_period == 0 and it < self.max_iter:
+                self._evaluate(it)
+            for callback in self.callbacks:
+                callback(it, losses)
+        self.bar.close()
+        if losses is not None and it % s.log_period:
+            self._log(it, losses)
+        if self.saved_at != it:
+            self._save(it)
+        self._finish(it)
+        return {"model": self.model, "metrics": self.metrics, "iterations": it, "seconds": self._elapsed(),
+                "train_set": self.train_set, "val_set": self.val_set, "output_dir": self.out}
+
+    def _resize(self, it: int) -> None:
+        """Time-budgeted runs: let rank 0's clock set ``max_iter`` on every process."""
+        if self.budget is None:
+            return
+        if self.world > 1 and (it - self.start) % TimeBudget.EVERY:
+            return  # one broadcast every EVERY iterations keeps the processes in step cheaply
+        self.max_iter = dist.broadcast_int(self.budget.update(it, self.max_iter))
+        self.bar.total = self.max_iter
+
+    def _step(self, it: int) -> dict[str, float]:
+        s = self.config.solver
+        seed_everything(self.config.seed, self.rank, it)
+        lr = lr_at(it, s, self.max_iter)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        images, targets = next(self.loader)
+        images = [im.to(self.device, non_blocking=True) for im in images]
+        targets = [{k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
+                   for t in targets]
+        with torch.autocast(self.device.type, enabled=self.use_amp):
+            losses = self.net(images, targets)
+        values = dist.mean_losses(losses)
+        check_finite(values, it + 1, last_checkpoint(self.ckpt_dir) if self.saved_at is not None else None)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(sum(losses.values())).backward()
+        if s.clip_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), s.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.lr = lr
+        return values
+
+    # ----------------------------------------------------------------- logging and files
+
+    def _elapsed(self) -> float:
+        return self.spent + time.perf_counter() - self.t0
+
+    def _log(self, it: int, losses: dict[str, float]) -> None:
+        total = sum(losses.values())
+        self.bar.set_postfix(loss=f"{total:.3f}", mask=f"{losses.get('loss_mask', 0.0):.3f}", refresh=False)
+        self._write_row({"iteration": it, "lr": self.lr, **losses, "total_loss": total,
+                         "time": round(self._elapsed(), 2)})
+
+    def _write_row(self, row: dict) -> None:
+        if self.main:
+            with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
 
+    def _save(self, it: int) -> None:
+        self.saved_at = it
+        if not self.main:
+            return
+        bad = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise TrainingError(f"iteration {it}: the weights became non-finite ({bad[0]} and "
+                                f"{len(bad) - 1} more) although the loss was finite: gradients exploded. "
+                                "No checkpoint was written; lower solver.base_lr or set solver.clip_grad_norm")
+        extra = {"max_iter": self.max_iter, "elapsed": self._elapsed(), "config": to_dict(self.config),
+                 "metrics": _summary(self.metrics)}
+        save_checkpoint(self.ckpt_dir, model=self.model, optimizer=self.optimizer, iteration=it,
+                        scaler=self.scaler, extra=extra, model_metadata=self._weights_metadata())
 
-def train(config: Config, *, resume: bool = False, init_backbone: str | None = None,
-          progress: bool = True, stop_at: int | None = None) -> dict:
-    """Train ``config`` and return ``{"model", "metrics", "train_set", "val_set", "output_dir"}``.
+    def _weights_metadata(self) -> dict[str, str]:
+        """The metadata of :func:`maskrcnn.weights.save_weights`, so a checkpoint's
+        ``model.safetensors`` loads with ``maskrcnn.load`` and ``maskrcnn predict``."""
+        from maskrcnn.weights import FORMAT
 
-    ``stop_at`` ends the run after that iteration without the final evaluation, as a kill would
-    (used to test exact resume).
-    """
-    from tqdm import tqdm
+        return {"format": FORMAT, "config": json.dumps(to_dict(self.config.model)),
+                "class_names": json.dumps(self.train_set.class_names),
+                "category_ids": json.dumps(self.train_set.category_ids)}
 
-    from maskrcnn.api import pick_device
-    from maskrcnn.config_io import save_config
-    from maskrcnn.data.coco import CocoDataset
-    from maskrcnn.data.loader import build_train_loader
-    from maskrcnn.evaluation.coco_eval import evaluate
-    from maskrcnn.modeling.mask_rcnn import build_model
-    from maskrcnn.weights import save_weights
+    def _evaluate(self, it: int, out_json: Path | None = None) -> None:
+        """Rank 0 scores the model on the validation set and appends the AP to the log."""
+        if not self.main or self.val_set is None:
+            return
+        from maskrcnn.evaluation.coco_eval import evaluate
 
-    rank, world = dist.init()
-    main = rank == 0
-    device = pick_device(config.device)
-    if world > 1 and device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank())
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.seed)
+        self.metrics = evaluate(self.model, self.val_set, device=self.device, out_json=out_json,
+                                progress=self.progress and out_json is not None)
+        self.model.train()
+        self._write_row({"iteration": it, **self.metrics})
 
-    d, s = config.data, config.solver
-    train_set = CocoDataset(d.train_json, d.train_images, drop_empty=d.drop_empty, skip_bad=d.skip_bad)
-    if main and sum(train_set.skipped.values()):
-        print(f"skipped bad records in {d.train_json}: {train_set.skipped_summary()}")
-    val_set = CocoDataset(d.val_json, d.val_images, skip_bad=d.skip_bad) if d.val_json else None
-    if config.model.roi_heads.num_classes != train_set.num_classes:
-        config = replace(config, model=replace(config.model, roi_heads=replace(
-            config.model.roi_heads, num_classes=train_set.num_classes)))
-    if main:
-        save_config(config, out / "config.yaml")
+    def _finish(self, it: int) -> None:
+        if self.main:
+            from maskrcnn.weights import save_weights
 
-    model = build_model(config.model).to(device)
-    if init_backbone:
-        from maskrcnn.interop.torchvision import load_backbone_weights
-
-        report = load_backbone_weights(model, init_backbone)
-        if main:
-            print(f"backbone from {init_backbone}: {report}")
-    optimizer = torch.optim.SGD(param_groups(model, s.weight_decay), lr=s.base_lr, momentum=s.momentum)
-
-    start, max_iter = 0, s.max_iter
-    ckpt = out / NAME
-    log = _Log(out / "metrics.jsonl", main)
-    if resume and ckpt.is_file():
-        state = load_checkpoint(ckpt, model=model, optimizer=optimizer)
-        start, max_iter = state["iteration"], state["extra"].get("max_iter", max_iter)
-        if main:
-            print(f"resumed from {ckpt} at iteration {start}")
-    elif (out / "metrics.jsonl").exists() and main:
-        (out / "metrics.jsonl").unlink()
-    time_budget = s.max_minutes * 60 if s.max_minutes > 0 and not (resume and start) else 0.0
-
-    net = model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    loader = build_train_loader(train_set, batch_size=s.ims_per_batch, num_workers=d.num_workers,
-                                aspect_ratio_grouping=d.aspect_ratio_grouping, seed=config.seed,
-                                start_iter=start, rank=rank, world_size=world, flip_prob=d.flip_prob)
-    use_amp = s.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    net.train()
-    bar = tqdm(total=max_iter, initial=start, disable=not (progress and main), desc="train",
-               dynamic_ncols=True)
-    t_start = time.perf_counter()
-    it = start
-    t_mark = t_start
-    while it < max_iter:
-        if time_budget:
-            elapsed = time.perf_counter() - t_start
-            if it == start + 5:
-                t_mark = time.perf_counter()  # the first iterations are slower (allocations, caches)
-            elif it > start + 5 and (it - start) % 25 == 0:
-                # Size the schedule to the budget from the measured speed, again as it drifts;
-                # checkpoints store it, so a resumed run follows the same schedule.
-                per_iter = (time.perf_counter() - t_mark) / (it - start - 5)
-                max_iter = max(it + 1, it + int((time_budget - elapsed) / per_iter))
-                bar.total = max_iter
-            if elapsed >= time_budget:
-                break
-        lr = lr_at(it, s, max_iter)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        images, targets = next(loader)
-        images = [im.to(device, non_blocking=True) for im in images]
-        with torch.autocast(device.type, enabled=use_amp):
-            losses = net(images, _to_device(targets, device))
-        check_finite(losses, it)
-        total = sum(losses.values())
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
-        if s.clip_grad_norm > 0:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), s.clip_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        it += 1
-        bar.update(1)
-        if it % s.log_period == 0 or it == max_iter:
-            values = dist.mean_losses(losses, world)
-            row = {"iteration": it, "lr": lr, **values, "total_loss": sum(values.values()),
-                   "time": round(time.perf_counter() - t_start, 2)}
-            log.write(row)
-            bar.set_postfix(loss=f"{row['total_loss']:.3f}", mask=f"{values['loss_mask']:.3f}")
-        if main and s.checkpoint_period and it % s.checkpoint_period == 0:
-            save_checkpoint(out, model=model, optimizer=optimizer, iteration=it, extra={"max_iter": max_iter})
-        if main and val_set is not None and s.eval_period and it % s.eval_period == 0 and it < max_iter:
-            log.write({"iteration": it, **_metrics_row(evaluate(model, val_set, device=device,
-                                                                progress=False))})
-            net.train()
-        if stop_at is not None and it >= stop_at:
-            bar.close()
-            return {"model": model, "metrics": None, "train_set": train_set, "val_set": val_set,
-                    "output_dir": out}
-    bar.close()
-    metrics = None
-    if main:
-        save_checkpoint(out, model=model, optimizer=optimizer, iteration=it, extra={"max_iter": max_iter})
-        save_weights(out / "model_final.safetensors", model, class_names=train_set.class_names,
-                     category_ids=train_set.category_ids)
-        if val_set is not None:
-            metrics = evaluate(model, val_set, device=device, out_json=out / "results.json",
-                               progress=progress)
-            log.write({"iteration": it, **_metrics_row(metrics)})
-    dist.barrier(world)
-    return {"model": model, "metrics": metrics, "train_set": train_set, "val_set": val_set,
-            "output_dir": out, "iterations": it, "seconds": time.perf_counter() - t_start}
+            save_weights(self.out / "model_final.safetensors", self.model,
+                         class_names=self.train_set.class_names, category_ids=self.train_set.category_ids)
+            self._evaluate(it, out_json=self.out / "results.json")
+        dist.barrier()
 
 
-def _metrics_row(metrics: dict) -> dict:
-    return {"bbox": metrics["bbox"], "segm": metrics["segm"]}
+def _summary(metrics: dict | None) -> dict | None:
+    return None if metrics is None else {k: metrics[k] for k in ("bbox", "segm") if k in metrics}
+
+
+def _truncate_log(path: Path, iteration: int) -> None:
+    """Keep the rows up to ``iteration`` (those a resumed run will not write again)."""
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text().splitlines()
+            if line.strip() and iteration and json.loads(line).get("iteration", 0) <= iteration]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(row + "\n" for row in rows))
+    os.replace(tmp, path)
