@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 # EXIF orientations 5-8 are rotated by 90 degrees: the displayed image has width and height swapped
@@ -207,36 +208,52 @@ class _Checker:
         if not isinstance(ann, dict):
             return self._add(f"annotations[{k}]", "type", f"is a {_type(ann)}; an annotation is an "
                              "object with id, image_id, category_id, bbox", where)
-        aid, iid = ann.get("id"), ann.get("image_id")
-        ids = {"annotation_id": aid if _is_int(aid) else None, "image_id": iid if _is_int(iid) else None}
-        record = (f"annotation {aid}" if _is_int(aid) else f"annotations[{k}]") + \
-                 (f" (image {iid})" if _is_int(iid) else "")
+        found = self._annotation_problems(ann, seen)
+        if found:  # names are built only for bad records: COCO has ~10^6 good ones
+            aid, iid = ann.get("id"), ann.get("image_id")
+            record = (f"annotation {aid}" if _is_int(aid) else f"annotations[{k}]") + \
+                     (f" (image {iid})" if _is_int(iid) else "")
+            ids = {"annotation_id": aid if _is_int(aid) else None, "image_id": iid if _is_int(iid) else None}
+            for kind, message in found:
+                self._add(record, kind, message, where, **ids)
 
-        def add(kind: str, message: str) -> None:
-            self._add(record, kind, message, where, **ids)
-
+    def _annotation_problems(self, ann: dict, seen: set) -> list[tuple[str, str]]:
         missing = [key for key in ("id", "image_id", "category_id", "bbox") if key not in ann]
         if missing:
-            return add("keys", f"missing key(s) {', '.join(missing)}; an annotation needs id, image_id, "
-                               "category_id and bbox")
+            return [("keys", f"missing key(s) {', '.join(missing)}; an annotation needs id, image_id, "
+                             "category_id and bbox")]
+        aid, iid = ann["id"], ann["image_id"]
         if not _is_int(aid) or not _is_int(iid):
-            return add("type", "id and image_id must be integers")
+            return [("type", "id and image_id must be integers")]
+        found = []
         if aid in seen:
-            add("duplicate-id", f"duplicate annotation id {aid}; give every annotation its own id")
+            found.append(("duplicate-id", f"duplicate annotation id {aid}; give every annotation its own id"))
         seen.add(aid)
         image = self.images.get(iid)
         if image is None:
-            add("unknown-image", f"image_id {iid} is not in 'images'; add the image or remove the annotation")
+            found.append(("unknown-image", f"image_id {iid} is not in 'images'; add the image or remove "
+                                           "the annotation"))
         if not _is_int(ann["category_id"]) or ann["category_id"] not in self.categories:
             known = sorted(self.categories)
-            add("unknown-category", f"category_id {_show(ann['category_id'])} is not in 'categories' "
-                                    f"(known ids: {_fmt(known[:20])}{' ...' if len(known) > 20 else ''})")
+            found.append(("unknown-category", f"category_id {_show(ann['category_id'])} is not in "
+                                              f"'categories' (known ids: {_fmt(known[:20])}"
+                                              f"{' ...' if len(known) > 20 else ''})"))
         if ann.get("iscrowd", 0) not in (0, 1):
-            add("type", f"iscrowd {_show(ann['iscrowd'])} must be 0 or 1")
-        for kind, message in _bbox_problems(ann["bbox"], image):
-            add(kind, message)
-        for kind, message in _segmentation_problems(ann.get("segmentation"), image):
-            add(kind, message)
+            found.append(("type", f"iscrowd {_show(ann['iscrowd'])} must be 0 or 1"))
+        found += _bbox_problems(ann["bbox"], image)
+        found += _segmentation_problems(ann.get("segmentation"), image)
+        return found
+
+
+def _numbers(values) -> bool:
+    """Whether ``values`` is a flat list of finite numbers (one numpy pass: polygons are long)."""
+    if not isinstance(values, list):
+        return False
+    try:
+        array = np.asarray(values)
+    except (ValueError, TypeError, OverflowError):  # ragged nesting, huge ints
+        return False
+    return array.ndim == 1 and array.dtype.kind in "iuf" and bool(np.isfinite(array).all())
 
 
 def _is_positive_int(v) -> bool:
@@ -273,7 +290,7 @@ def _segmentation_problems(seg, image: dict | None) -> list[tuple[str, str]]:
     if isinstance(seg, list):
         out = []
         for k, poly in enumerate(seg):
-            if not isinstance(poly, list) or not all(_is_number(v) for v in poly):
+            if not _numbers(poly):
                 out.append(("polygon", f"polygon {k} must be a flat list of numbers [x0, y0, x1, y1, ...]"))
             elif len(poly) % 2:
                 out.append(("polygon", f"polygon {k} has an odd number of coordinates ({len(poly)}); "
