@@ -81,10 +81,10 @@ def test_rasterisation_is_exact_at_pixel_centres():
 
 def test_same_seed_same_files_any_workers(shapes, tmp_path):
     make_shapes(tmp_path, 40, 6, seed=5, workers=1)
-    for name in ("train.json", "val.json", "train/000003.jpg", "val/000005.jpg"):
+    for name in ("train.json", "val.json", "train/000003.png", "val/000005.png"):
         assert (tmp_path / name).read_bytes() == (shapes / name).read_bytes(), name
     make_shapes(tmp_path / "other", 3, 1, seed=6)
-    assert (tmp_path / "other/train/000000.jpg").read_bytes() != (shapes / "train/000000.jpg").read_bytes()
+    assert (tmp_path / "other/train/000000.png").read_bytes() != (shapes / "train/000000.png").read_bytes()
 
 
 def test_sizes_orientations_and_class_balance(tmp_path):
