@@ -390,37 +390,36 @@ def _crop_decoded(decode, rows: list[int], boxes: Tensor, size: int) -> Tensor:
     return torch.from_numpy(out).to(boxes.device)
 
 
-class _AxisSamples:
-    """Where the bins of one axis sample the mask, as bilinear taps on pixels [first, stop).
+def _axis_taps(start: float, extent: float, size: int, limit: int):
+    """Where the ``size`` bins of one axis sample the mask, as bilinear taps.
 
-    Each of the ``size`` bins averages ``grid = ceil(extent / size)`` samples placed at the
-    centres of equal sub-bins; a sample outside [-1, limit] contributes zero and one inside is
-    clamped to the border pixel (the RoIAlign rules shared by Detectron2 and torchvision).
-    ``low``/``high`` (size * grid,) are tap positions relative to ``first``, ``w_low``/``w_high``
+    Each bin averages ``grid = ceil(extent / size)`` samples at the centres of equal sub-bins,
+    so all samples are evenly spaced, ``extent / (size * grid)`` (<= 1 pixel) apart. A sample
+    outside [-1, limit] contributes zero and one inside is clamped to the border pixel (the
+    RoIAlign rules shared by Detectron2 and torchvision).
+
+    Returns None if no sample lands, else (grid, first, stop, low, high, w_low, w_high): taps
+    ``low``/``high`` (size * grid,) relative to pixel ``first`` (all within [first, stop)) and
     their weights, already divided by ``grid``.
     """
-
-    def __init__(self, start: float, extent: float, size: int, limit: int):
-        self.grid = math.ceil(extent / size) if extent > 0 else 0
-        bin_size = extent / size
-        sub = (np.arange(self.grid) + 0.5) * bin_size / max(self.grid, 1)
-        pos = (start + np.arange(size)[:, None] * bin_size + sub[None, :]).ravel()
-        valid = (pos >= -1.0) & (pos <= limit)
-        self.empty = not valid.any()
-        if self.empty:
-            return
-        pos = np.clip(pos, 0.0, None)
-        low = np.floor(pos).astype(np.int64)
-        at_end = low >= limit - 1
-        low = np.where(at_end, limit - 1, low)
-        high = np.where(at_end, limit - 1, low + 1)
-        frac = np.where(at_end, 0.0, pos - low)
-        self.first, self.stop = int(low[valid].min()), int(high[valid].max()) + 1
-        # invalid samples weigh nothing, so any in-window index will do for them
-        self.low = np.clip(low - self.first, 0, self.stop - self.first - 1)
-        self.high = np.clip(high - self.first, 0, self.stop - self.first - 1)
-        self.w_low = valid * (1.0 - frac) / self.grid
-        self.w_high = valid * frac / self.grid
+    grid = math.ceil(extent / size) if extent > 0 else 0
+    if grid == 0:
+        return None
+    n = size * grid
+    pos = start + (np.arange(n) + 0.5) * (extent / n)
+    valid = (pos >= -1.0) & (pos <= limit)
+    if not valid[0] and not valid.any():
+        return None
+    pos = np.maximum(pos, 0.0)
+    at_end = pos >= limit - 1
+    low = np.minimum(pos.astype(np.int64), limit - 1)
+    high = np.minimum(low + 1, limit - 1)
+    frac = np.where(at_end, 0.0, pos - low)
+    # samples move by <= 1 pixel, so those outside the valid range clamp onto the first or last
+    # valid sample's pixels: every tap lies in [first, stop) and the window can be sliced directly
+    first, stop = int(low[valid.argmax()]), int(high[n - 1 - valid[::-1].argmax()]) + 1
+    weight = valid / grid
+    return grid, first, stop, low - first, high - first, weight * (1.0 - frac), weight * frac
 
 
 def roi_align_binary(mask: np.ndarray, box: np.ndarray, size: int) -> np.ndarray:
@@ -439,13 +438,15 @@ def roi_align_binary(mask: np.ndarray, box: np.ndarray, size: int) -> np.ndarray
     """
     height, width = mask.shape
     x1, y1, x2, y2 = (float(v) for v in box)
-    ys = _AxisSamples(y1 - 0.5, y2 - y1, size, height)
-    xs = _AxisSamples(x1 - 0.5, x2 - x1, size, width)
-    if ys.grid == 0 or xs.grid == 0 or ys.empty or xs.empty:
+    ys = _axis_taps(y1 - 0.5, y2 - y1, size, height)
+    xs = _axis_taps(x1 - 0.5, x2 - x1, size, width)
+    if ys is None or xs is None:
         return np.zeros((size, size), dtype=np.float32)
-    window = mask[ys.first:ys.stop, xs.first:xs.stop]  # (h', w'), read in place
-    rows = window[ys.low] * ys.w_low[:, None] + window[ys.high] * ys.w_high[:, None]
-    rows = rows.reshape(size, ys.grid, -1).sum(1)  # (size, w')
-    cells = rows[:, xs.low] * xs.w_low + rows[:, xs.high] * xs.w_high
-    cells = cells.reshape(size, size, xs.grid).sum(2)  # (size, size)
+    gy, top, bottom, y_low, y_high, wy_low, wy_high = ys
+    gx, left, right, x_low, x_high, wx_low, wx_high = xs
+    window = mask[top:bottom, left:right]  # (h', w'), read in place
+    rows = window[y_low] * wy_low[:, None] + window[y_high] * wy_high[:, None]
+    rows = rows.reshape(size, gy, -1).sum(1)  # (size, w')
+    cells = rows[:, x_low] * wx_low + rows[:, x_high] * wx_high
+    cells = cells.reshape(size, size, gx).sum(2)  # (size, size)
     return (cells >= 0.5).astype(np.float32)
