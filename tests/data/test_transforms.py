@@ -124,3 +124,14 @@ def test_resize_shortest_edge_scales_boxes_and_keeps_masks_compact():
                                  40, 1000)[1]
     assert isinstance(rle_t["masks"], RLEMasks)
     assert torch.equal(rle_t["masks"].to_tensor(), t["masks"].to_tensor())
+
+
+def test_images_without_instances_flip_and_resize():
+    image = torch.zeros(3, 10, 20, dtype=torch.uint8)
+    for masks in (PolygonMasks([], 10, 20), RLEMasks([], 10, 20)):
+        target = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "masks": masks}
+        _, flipped = hflip(image, target)
+        assert flipped["boxes"].shape == (0, 4) and len(flipped["masks"]) == 0
+        resized, t = resize_shortest_edge(image, target, 20, 100)
+        assert resized.shape == (3, 20, 40) and t["boxes"].shape == (0, 4)
+        assert (t["masks"].height, t["masks"].width) == (20, 40)
