@@ -93,5 +93,6 @@ def load(weights: str | Path, *, device: str = "auto", score_threshold: float = 
     state, config, names, ids = read_weights(weights)
     model = build_model(config)
     model.load_state_dict(state)
+    model.optimize_for_inference()
     return Predictor(model, class_names=names, category_ids=ids, score_threshold=score_threshold,
                      device=device)

@@ -108,3 +108,19 @@ def test_train_losses_match_torchvision(models):
         assert torch.isfinite(got[key])
         torch.testing.assert_close(got[key], expected[key], atol=1e-4, rtol=0, msg=key)
     assert expected["loss_mask"] > 0 and expected["loss_box_reg"] > 0
+
+
+def test_fast_inference_path_keeps_detections(models):
+    """Folded norms and channels-last change only float rounding: the same detections."""
+    import copy
+
+    tv, ours = models
+    fast = copy.deepcopy(ours).optimize_for_inference()
+    images = make_images(4)[:1]
+    with torch.no_grad():
+        (expected,) = tv(images)
+        (got,) = fast(images)
+    n = min(len(got["boxes"]), len(expected["boxes"]), 20)
+    assert n >= 5
+    torch.testing.assert_close(got["boxes"][:n], expected["boxes"][:n], atol=0.05, rtol=0)
+    torch.testing.assert_close(got["scores"][:n], expected["scores"][:n], atol=1e-3, rtol=0)

@@ -46,3 +46,18 @@ def test_frozen_bn_is_the_batchnorm_affine_map():
     frozen.load_state_dict(bn.state_dict())
     x = torch.randn(2, 4, 5, 5)
     torch.testing.assert_close(frozen(x), bn(x))
+
+
+def test_folding_norms_keeps_outputs():
+    torch.manual_seed(0)
+    body = ResNet(depth=18, norm="BN", freeze_at=0)
+    body.train()
+    body(torch.randn(4, 3, 64, 64))  # give the BatchNorms non-trivial running statistics
+    body.eval()
+    x = torch.randn(2, 3, 64, 96)
+    expected = body(x)
+    from maskrcnn.modeling.resnet import fold_norms
+
+    assert fold_norms(body) == 20
+    for a, b in zip(body(x), expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -188,3 +188,46 @@ def freeze_batchnorm(module: nn.Module) -> nn.Module:
     for name, child in module.named_children():
         setattr(module, name, freeze_batchnorm(child))
     return module
+
+
+def _norm_affine(norm: nn.Module) -> tuple[Tensor, Tensor] | None:
+    if isinstance(norm, FrozenBatchNorm2d):
+        return norm.scale_and_shift()
+    if isinstance(norm, nn.BatchNorm2d) and not norm.training and norm.track_running_stats:
+        scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
+        return scale, norm.bias - norm.running_mean * scale
+    return None  # GroupNorm, or BatchNorm still using batch statistics
+
+
+@torch.no_grad()
+def fold_norms(module: nn.Module) -> int:
+    """Fold each fixed-statistics norm into the conv before it (inference only): the conv
+    gets the norm's scale in its weights and its shift as bias. Returns the number folded."""
+    folded = 0
+    for parent in module.modules():
+        pairs = [("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")]
+        for conv_name, norm_name in pairs:
+            conv, norm = getattr(parent, conv_name, None), getattr(parent, norm_name, None)
+            if isinstance(conv, nn.Conv2d) and norm is not None:
+                folded += _fold_pair(parent, conv_name, norm_name)
+        if isinstance(parent, nn.Sequential) and len(parent) == 2 and isinstance(parent[0], nn.Conv2d):
+            folded += _fold_pair(parent, "0", "1")
+    return folded
+
+
+def _fold_pair(parent: nn.Module, conv_name: str, norm_name: str) -> int:
+    conv, norm = getattr(parent, conv_name), getattr(parent, norm_name)
+    affine = _norm_affine(norm)
+    if affine is None:
+        return 0
+    scale, shift = affine
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                      conv.padding, conv.dilation, conv.groups, bias=True).to(conv.weight)
+    fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(shift)
+    fused.bias.copy_(bias * scale + shift)
+    fused = fused.to(memory_format=torch.channels_last) if conv.weight.is_contiguous(
+        memory_format=torch.channels_last) else fused
+    setattr(parent, conv_name, fused)
+    setattr(parent, norm_name, nn.Identity())
+    return 1

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+_NUMPY = {torch.bool: np.bool_, torch.float32: np.float32, torch.float64: np.float64,
+          torch.float16: np.float16}
 
 
 def _torchvision_crop(mask: Tensor, box: Tensor, hw: tuple[int, int]):
@@ -70,8 +75,13 @@ def paste_masks(masks: Tensor, boxes: Tensor, image_hw: tuple[int, int], mode: s
     if mode not in ("torchvision", "detectron2"):
         raise ValueError(f"paste mode must be 'torchvision' or 'detectron2', got {mode!r}")
     h, w = image_hw
-    out = torch.zeros((masks.shape[0], h, w), dtype=masks.dtype if soft else torch.bool,
-                      device=masks.device)
+    dtype = masks.dtype if soft else torch.bool
+    if masks.device.type == "cpu":
+        # numpy's zeros come from calloc: untouched pages cost nothing, so only the pages under
+        # the boxes are ever written and the cost follows box area, not image area
+        out = torch.from_numpy(np.zeros((masks.shape[0], h, w), dtype=_NUMPY[dtype]))
+    else:
+        out = torch.zeros((masks.shape[0], h, w), dtype=dtype, device=masks.device)
     crop_fn = _torchvision_crop if mode == "torchvision" else _detectron2_crop
     for i in range(masks.shape[0]):
         crop, y0, x0 = crop_fn(masks[i], boxes[i], image_hw)
