@@ -6,33 +6,77 @@ tv_ops = pytest.importorskip("torchvision.ops")
 from maskrcnn.ops import batched_nms, nms  # noqa: E402
 
 
-def random_set(n, seed):
+def random_set(n, seed, dtype=torch.float32, integer=True):
     g = torch.Generator().manual_seed(seed)
-    xy = torch.randint(0, 50, (n, 2), generator=g).float()
-    wh = torch.randint(1, 30, (n, 2), generator=g).float()
-    scores = torch.randint(0, 20, (n,), generator=g).float() / 20  # many ties
+    if integer:  # integer corners make many IoUs exact fractions such as 1/2 and 1/3
+        xy = torch.randint(0, 60, (n, 2), generator=g).to(dtype)
+        wh = torch.randint(1, 30, (n, 2), generator=g).to(dtype)
+    else:
+        xy = torch.rand(n, 2, generator=g, dtype=dtype) * 600
+        wh = torch.rand(n, 2, generator=g, dtype=dtype) * 150
+    scores = (torch.randint(0, 20, (n,), generator=g) / 20).to(dtype)  # many ties
     return torch.cat([xy, xy + wh], 1), scores, torch.randint(0, 5, (n,), generator=g)
 
 
-@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("n,seed", [(1, 0), (2, 1), (7, 2), (60, 3), (400, 4), (999, 5), (1001, 6),
+                                    (1600, 7), (5000, 8)])
 @pytest.mark.parametrize("threshold", [0.3, 0.5, 0.7, 1 / 3])
-def test_same_kept_indices_as_torchvision(seed, threshold):
-    n = [1, 7, 60, 400, 999, 1001, 1600][seed % 7]  # both sides of torchvision's batched switch
+def test_same_kept_indices_as_torchvision(n, seed, threshold):
+    # 999 and 1001 boxes (3996 and 4004 numbers) sit either side of batched_nms' switch
     boxes, scores, idxs = random_set(n, seed)
     assert torch.equal(nms(boxes, scores, threshold), tv_ops.nms(boxes, scores, threshold))
     assert torch.equal(batched_nms(boxes, scores, idxs, threshold),
                        tv_ops.batched_nms(boxes, scores, idxs, threshold))
 
 
-def test_iou_exactly_at_threshold_is_kept():
-    boxes = torch.tensor([[0.0, 0.0, 2.0, 1.0], [0.0, 0.0, 1.0, 1.0]])  # IoU exactly 0.5
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_real_valued_boxes_in_both_precisions(dtype):
+    boxes, scores, idxs = random_set(3000, 9, dtype, integer=False)
+    scores = torch.rand(3000, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    for threshold in (0.5, 0.7):
+        assert torch.equal(nms(boxes, scores, threshold), tv_ops.nms(boxes, scores, threshold))
+        assert torch.equal(batched_nms(boxes, scores, idxs, threshold),
+                           tv_ops.batched_nms(boxes, scores, idxs, threshold))
+
+
+def test_iou_exactly_at_threshold():
+    boxes = torch.tensor([[0.0, 0.0, 2.0, 1.0], [0.0, 0.0, 1.0, 1.0]])  # IoU exactly 1/2
     scores = torch.tensor([0.9, 0.8])
     assert nms(boxes, scores, 0.5).tolist() == [0, 1]  # suppression needs IoU > threshold
     assert nms(boxes, scores, 0.49).tolist() == [0]
-    for threshold in (0.5, 0.49, 1 / 3):
-        assert torch.equal(nms(boxes, scores, threshold), tv_ops.nms(boxes, scores, threshold))
+    # IoU 1/3 rounds up to 0.33333334 in float32, which is above the double 1/3: suppressed
+    third = torch.tensor([[0.0, 0.0, 2.0, 1.0], [1.0, 0.0, 3.0, 1.0]])
+    assert nms(third, scores, 1 / 3).tolist() == [0]
+    assert nms(third.double(), scores.double(), 1 / 3).tolist() == [0, 1]
+    for b in (boxes, third, third.double()):
+        for threshold in (0.5, 0.49, 1 / 3, 0.7):
+            assert torch.equal(nms(b, scores.to(b), threshold), tv_ops.nms(b, scores.to(b), threshold))
+
+
+def test_equal_scores_keep_input_order():
+    boxes = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 10], [20, 20, 30, 30], [0, 0, 10, 10]])
+    scores = torch.tensor([0.5, 0.5, 0.5, 0.9])
+    assert nms(boxes, scores, 0.5).tolist() == [3, 2]
+    assert torch.equal(nms(boxes, scores, 0.5), tv_ops.nms(boxes, scores, 0.5))
+
+
+def test_classes_do_not_suppress_each_other():
+    boxes = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10]])
+    scores = torch.tensor([0.9, 0.8, 0.7])
+    assert batched_nms(boxes, scores, torch.tensor([0, 1, 0]), 0.5).tolist() == [0, 1]
 
 
 def test_empty_input():
     assert nms(torch.zeros(0, 4), torch.zeros(0), 0.5).numel() == 0
-    assert batched_nms(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64), 0.5).numel() == 0
+    empty = batched_nms(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64), 0.5)
+    assert empty.dtype == torch.int64 and empty.numel() == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensors_give_the_cpu_result_on_the_device():
+    boxes, scores, idxs = random_set(1500, 10)
+    keep = nms(boxes.cuda(), scores.cuda(), 0.5)
+    assert keep.device.type == "cuda"
+    assert torch.equal(keep.cpu(), nms(boxes, scores, 0.5))
+    assert torch.equal(batched_nms(boxes.cuda(), scores.cuda(), idxs.cuda(), 0.5).cpu(),
+                       batched_nms(boxes, scores, idxs, 0.5))

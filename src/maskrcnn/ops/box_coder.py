@@ -1,6 +1,8 @@
-"""Box regression parameterisation (R-CNN): deltas of a target box relative to a reference box.
+"""Box regression parameterisation (R-CNN, SPEC §1.10): deltas of a target box relative to a
+reference box, as centre offsets in units of the reference size and log size ratios.
 
-Weights scale the deltas: (1, 1, 1, 1) for the RPN, (10, 10, 5, 5) for the box head (SPEC §1.10).
+Weights scale the deltas: (1, 1, 1, 1) for the RPN, (10, 10, 5, 5) for the box head. The
+arithmetic follows torchvision's BoxCoder operation for operation, so results agree bit for bit.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from torch import Tensor
 SCALE_CLAMP = math.log(1000.0 / 16)  # keeps exp() finite for wild predictions
 
 
-def encode(reference: Tensor, target: Tensor, weights: tuple[float, ...]) -> Tensor:
-    """Deltas (N, 4) that turn ``reference`` (N, 4) boxes into ``target`` (N, 4) boxes.
+def encode(reference: Tensor, target: Tensor, weights: tuple[float, float, float, float]) -> Tensor:
+    """Deltas (N, 4) that turn ``reference`` boxes (N, 4) into ``target`` boxes (N, 4).
 
     >>> encode(torch.tensor([[0., 0., 10., 10.]]), torch.tensor([[1., 0., 11., 10.]]), (1, 1, 1, 1))
     tensor([[0.1000, 0.0000, 0.0000, 0.0000]])
@@ -32,11 +34,15 @@ def encode(reference: Tensor, target: Tensor, weights: tuple[float, ...]) -> Ten
                         ww * torch.log(tw / rw), wh * torch.log(th / rh)], dim=1)
 
 
-def decode(deltas: Tensor, reference: Tensor, weights: tuple[float, ...],
+def decode(deltas: Tensor, reference: Tensor, weights: tuple[float, float, float, float],
            clamp: float = SCALE_CLAMP) -> Tensor:
-    """Boxes from deltas: (N, 4C) deltas on (N, 4) references -> (N, 4C) boxes.
+    """Boxes from deltas: (N, 4C) deltas on (N, 4) references -> (N, 4C) boxes (C >= 1).
 
-    The log-size deltas are clamped at ``log(1000 / 16)`` after removing the weights.
+    The log-size deltas are clamped at ``clamp`` after removing the weights; encoding is not
+    clamped.
+
+    >>> decode(torch.tensor([[0.1, 0., 0., 0.]]), torch.tensor([[0., 0., 10., 10.]]), (1, 1, 1, 1))
+    tensor([[ 1.,  0., 11., 10.]])
     """
     wx, wy, ww, wh = weights
     reference = reference.to(deltas.dtype)
@@ -48,5 +54,6 @@ def decode(deltas: Tensor, reference: Tensor, weights: tuple[float, ...],
     dw = (deltas[:, 2::4] / ww).clamp(max=clamp)
     dh = (deltas[:, 3::4] / wh).clamp(max=clamp)
     px, py = dx * w + cx, dy * h + cy
-    half_w, half_h = 0.5 * torch.exp(dw) * w, 0.5 * torch.exp(dh) * h
+    half_w = 0.5 * (torch.exp(dw) * w)
+    half_h = 0.5 * (torch.exp(dh) * h)
     return torch.stack([px - half_w, py - half_h, px + half_w, py + half_h], dim=2).flatten(1)

@@ -1,4 +1,4 @@
-"""Box arithmetic on absolute (x1, y1, x2, y2) boxes."""
+"""Box arithmetic on absolute (x1, y1, x2, y2) boxes; width is x2 - x1 (no +1)."""
 
 from __future__ import annotations
 
@@ -6,35 +6,53 @@ import torch
 from torch import Tensor
 
 
+def _upcast(boxes: Tensor) -> Tensor:
+    # products of half-precision sides overflow past 65504
+    return boxes if boxes.dtype in (torch.float32, torch.float64) else boxes.float()
+
+
 def box_area(boxes: Tensor) -> Tensor:
-    """(N, 4) -> (N,) areas."""
+    """Areas (N,) of boxes (N, 4).
+
+    >>> box_area(torch.tensor([[0., 0., 2., 3.]]))
+    tensor([6.])
+    """
+    boxes = _upcast(boxes)
     return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
 
 
 def box_iou(a: Tensor, b: Tensor) -> Tensor:
-    """Pairwise IoU: (N, 4), (M, 4) -> (N, M).
+    """Pairwise intersection over union of (N, 4) and (M, 4) boxes -> (N, M).
 
     >>> box_iou(torch.tensor([[0., 0., 2., 2.]]), torch.tensor([[1., 0., 3., 2.]]))
     tensor([[0.3333]])
     """
     area_a, area_b = box_area(a), box_area(b)
-    lt = torch.max(a[:, None, :2], b[None, :, :2])
+    lt = torch.max(a[:, None, :2], b[None, :, :2])  # (N, M, 2)
     rb = torch.min(a[:, None, 2:], b[None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
+    wh = _upcast(rb - lt).clamp(min=0)
     inter = wh[..., 0] * wh[..., 1]
     return inter / (area_a[:, None] + area_b[None, :] - inter)
 
 
 def clip_boxes(boxes: Tensor, size_hw: tuple[int, int]) -> Tensor:
-    """Clamp x to [0, w] and y to [0, h]; boxes (..., 4)."""
+    """Clamp x to [0, w] and y to [0, h]; boxes (..., 4k) hold k boxes per row.
+
+    >>> clip_boxes(torch.tensor([[-5., 2., 30., 40.]]), (20, 25))
+    tensor([[ 0.,  2., 25., 20.]])
+    """
     h, w = size_hw
-    x = boxes[..., 0::2].clamp(0, w)
-    y = boxes[..., 1::2].clamp(0, h)
-    return torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], dim=-1)
+    x = boxes[..., 0::2].clamp(min=0, max=w)
+    y = boxes[..., 1::2].clamp(min=0, max=h)
+    return torch.stack((x, y), dim=-1).reshape(boxes.shape)
 
 
 def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
-    """Indices (K,) of the boxes whose width and height are both >= ``min_size``."""
+    """Indices (K,) int64 of the boxes (N, 4) whose width and height are both >= ``min_size``.
+
+    >>> remove_small_boxes(torch.tensor([[0., 0., 1., 5.], [0., 0., 0.5, 5.]]), 1.0)
+    tensor([0])
+    """
     w = boxes[:, 2] - boxes[:, 0]
     h = boxes[:, 3] - boxes[:, 1]
     return torch.nonzero((w >= min_size) & (h >= min_size)).squeeze(1)

@@ -1,5 +1,10 @@
-"""Greedy non-maximum suppression: visit boxes by decreasing score, keep a box unless a kept box
-overlaps it with IoU > threshold."""
+"""Greedy non-maximum suppression: visit boxes by decreasing score and keep a box unless an
+already kept box overlaps it with IoU > threshold.
+
+The result is the same as torchvision's CPU kernel, index for index: scores are ordered by a
+stable descending sort (equal scores keep their input order), IoU is computed with the same
+operations in the boxes' dtype, and compared with the threshold as a double.
+"""
 
 from __future__ import annotations
 
@@ -7,43 +12,92 @@ import numpy as np
 import torch
 from torch import Tensor
 
+_BLOCK = 256  # boxes decided together; their overlaps with all later boxes are one tensor op
+
+
+def _float_threshold(threshold: float, dtype: torch.dtype) -> float:
+    """The value t' in ``dtype`` for which ``iou > t'`` equals ``double(iou) > threshold``."""
+    if dtype == torch.float64:
+        return threshold
+    t = np.float32(threshold)
+    if float(t) > threshold:  # rounded up: the last float32 below it gives the same test
+        t = np.nextafter(t, np.float32(-np.inf))
+    return float(t)
+
+
+def _overlaps(boxes, areas, rows, start: int, threshold: float) -> np.ndarray:
+    """Boolean (R, N - start): IoU of boxes ``rows`` with boxes ``start:`` exceeds threshold.
+
+    ``boxes`` (N, 4) and ``areas`` (N,) are numpy arrays or tensors of one dtype.
+    """
+    xp = np if isinstance(boxes, np.ndarray) else torch
+    a, b = boxes[rows], boxes[start:]
+    w = (xp.minimum(a[:, 2, None], b[:, 2]) - xp.maximum(a[:, 0, None], b[:, 0])).clip(min=0)
+    h = (xp.minimum(a[:, 3, None], b[:, 3]) - xp.maximum(a[:, 1, None], b[:, 1])).clip(min=0)
+    inter = w * h
+    with np.errstate(divide="ignore", invalid="ignore"):  # two empty boxes: 0 / 0 is no overlap
+        iou = inter / (areas[rows, None] + areas[start:] - inter)
+    over = iou > threshold
+    return over if xp is np else over.cpu().numpy()
+
+
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
-    """Kept indices (K,) int64, by decreasing score (ties keep their input order).
+    """Kept indices (K,) int64 of boxes (N, 4) with scores (N,), by decreasing score.
 
     >>> nms(torch.tensor([[0., 0., 10., 10.], [1., 1., 10., 10.], [20., 20., 30., 30.]]),
     ...     torch.tensor([0.9, 0.8, 0.7]), 0.5)
     tensor([0, 2])
     """
-    if boxes.numel() == 0:
+    n = boxes.shape[0]
+    if n == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     order = scores.sort(stable=True, descending=True).indices
-    b = boxes[order].detach().cpu().numpy()
-    x1, y1, x2, y2 = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
-    area = (x2 - x1) * (y2 - y1)
-    threshold = np.float64(iou_threshold)  # a float IoU > double threshold, as in C++
-    suppressed = np.zeros(b.shape[0], dtype=bool)
+    ordered = boxes.detach()[order]
+    if ordered.dtype not in (torch.float32, torch.float64):
+        ordered = ordered.float()
+    threshold = _float_threshold(float(iou_threshold), ordered.dtype)
+    if ordered.device.type == "cpu":
+        # numpy's loops run on the calling thread; these blocks are too small to gain from
+        # torch's thread pool and pay for waking it on every operation
+        ordered = ordered.numpy()
+    areas = (ordered[:, 2] - ordered[:, 0]) * (ordered[:, 3] - ordered[:, 1])
+    suppressed = np.zeros(n, dtype=bool)
     keep = []
-    for i in range(b.shape[0]):
-        if suppressed[i]:
+    for start in range(0, n, _BLOCK):
+        end = min(start + _BLOCK, n)
+        rows = np.flatnonzero(~suppressed[start:end]) + start
+        if rows.size == 0:
             continue
-        keep.append(i)
-        w = np.maximum(np.minimum(x2[i], x2[i + 1:]) - np.maximum(x1[i], x1[i + 1:]), 0)
-        h = np.maximum(np.minimum(y2[i], y2[i + 1:]) - np.maximum(y1[i], y1[i + 1:]), 0)
-        inter = w * h
-        suppressed[i + 1:] |= inter / (area[i] + area[i + 1:] - inter) > threshold
+        over = _overlaps(ordered, areas, rows if isinstance(ordered, np.ndarray)
+                         else torch.from_numpy(rows).to(boxes.device), start, threshold)
+        # the greedy pass is sequential only inside the block
+        block = suppressed[start:end].copy()
+        kept_rows = []
+        for r, i in enumerate(rows.tolist()):
+            if block[i - start]:
+                continue
+            kept_rows.append(r)
+            keep.append(i)
+            block |= over[r, : end - start]
+        if end < n:
+            suppressed[end:] |= over[kept_rows, end - start:].any(0)
     return order[torch.as_tensor(keep, dtype=torch.int64, device=boxes.device)]
 
 
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
-    """NMS within each category ``idxs`` (N,) independently; kept indices by decreasing score.
+    """NMS within each category of ``idxs`` (N,); kept indices (K,) by decreasing score.
 
-    Small inputs shift each category to its own coordinate range and run one NMS; large ones
-    run one NMS per category. Both follow torchvision's choice and arithmetic exactly, so kept
-    sets agree with it even for IoUs at the threshold.
+    Like torchvision, small inputs move each category to its own coordinate range and run one
+    NMS, large ones run one NMS per category. The two differ in rounding at IoUs next to the
+    threshold, so the same switch point is used to keep the same boxes.
+
+    >>> batched_nms(torch.tensor([[0., 0., 10., 10.], [1., 1., 10., 10.]]),
+    ...             torch.tensor([0.9, 0.8]), torch.tensor([0, 1]), 0.5)
+    tensor([0, 1])
     """
     if boxes.numel() == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
-    if boxes.numel() <= (4000 if boxes.device.type == "cpu" else 20000):
+    if boxes.numel() <= (4000 if boxes.device.type == "cpu" else 100_000):
         offsets = idxs.to(boxes) * (boxes.max() + torch.tensor(1).to(boxes))
         return nms(boxes + offsets[:, None], scores, iou_threshold)
     keep_mask = torch.zeros_like(scores, dtype=torch.bool)
