@@ -183,6 +183,8 @@ def cmd_predict(args) -> int:
     from maskrcnn.visualize import overlay
 
     paths = expand_inputs(args.inputs)
+    for path in paths:  # fail before any output, with one line, if a file is not an image
+        _check_image(path)
     predictor = _load_predictor(args.weights, args.device, args.score_threshold)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -272,6 +274,16 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     if not paths:
         raise UserError(f"no images found in {' '.join(inputs)}")
     return paths
+
+
+def _check_image(path: Path) -> None:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for unreadable files
+        raise UserError(f"{path}: cannot read this image ({_one_line(exc)})") from None
 
 
 def _read_image(path: Path):
