@@ -190,7 +190,7 @@ def small_cpu_model(num_classes: int = 3) -> ModelConfig:
     because objects in small images are small.
     """
     return ModelConfig(
-        input=InputConfig(min_size_train=(224,), min_size_test=224, max_size=320),
+        input=InputConfig(min_size_train=(256,), min_size_test=256, max_size=384),
         backbone=BackboneConfig(depth=18, norm="BN", freeze_at=0, fpn_channels=64),
         rpn=RPNConfig(anchor_sizes=(16, 32, 64, 128, 256), pre_nms_topk_train=500,
                       post_nms_topk_train=300, pre_nms_topk_test=500, post_nms_topk_test=300,

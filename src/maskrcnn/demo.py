@@ -14,7 +14,7 @@ def demo_config(out: Path, minutes: float, device: str = "auto") -> Config:
     data = out / "data"
     return Config(
         model=small_cpu_model(num_classes=3),
-        solver=SolverConfig(ims_per_batch=2, base_lr=0.02, schedule="cosine", warmup_iters=100,
+        solver=SolverConfig(ims_per_batch=4, base_lr=0.02, schedule="cosine", warmup_iters=100,
                             max_iter=100_000, max_minutes=minutes, checkpoint_period=200, log_period=10),
         data=DataConfig(train_json=str(data / "train.json"), train_images=str(data / "train"),
                         val_json=str(data / "val.json"), val_images=str(data / "val"), num_workers=1),
