@@ -200,9 +200,9 @@ def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0,
     along each axis; <= 0 takes ``ceil(roi_size / output_size)`` per RoI. Gradients flow to
     ``input`` only. A channels-last input gives a channels-last output.
 
-    >>> x = torch.arange(16.).view(1, 1, 4, 4)
-    >>> roi_align(x, torch.tensor([[0., 0., 0., 2., 2.]]), 1, aligned=True)
-    tensor([[[[5.]]]])
+    >>> x = torch.arange(16.).view(1, 1, 4, 4)  # value 4 * y + x at pixel centre (x, y)
+    >>> roi_align(x, torch.tensor([[0., 1., 1., 3., 3.]]), 1, aligned=True)  # samples at 1 and 2
+    tensor([[[[7.5000]]]])
     """
     if isinstance(output_size, int):
         output_size = (output_size, output_size)
