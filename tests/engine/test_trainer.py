@@ -187,3 +187,18 @@ def test_norm_parameters_get_no_weight_decay():
     assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0.0
     assert {id(p) for p in decay["params"]} == {id(model[0].weight), id(model[3].weight), id(model[3].bias)}
     assert len(no_decay["params"]) == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_amp_on_cuda_trains_checkpoints_the_gpu_generator_and_resumes(shapes, tmp_path):
+    out = tmp_path / "cuda"
+    config = replace_nested(tiny_config(shapes, out, val=False, max_iter=3, checkpoint_period=1),
+                            device="cuda", **{"solver.amp": True})
+    with pytest.raises(Killed):
+        train(config, progress=False, callbacks=[kill_after(2)])
+    state = load_file(last_checkpoint(out / "checkpoints") / "state.safetensors")
+    assert "rng.cuda.0" in state
+    assert read_checkpoint_info(out / "checkpoints")["scaler"]["scale"] > 0  # GradScaler state kept
+    result = train(config, resume=True, progress=False)
+    assert result["iterations"] == 3 and next(result["model"].parameters()).is_cuda
+    assert all(torch.isfinite(torch.tensor(r["total_loss"])) for r in rows(out))

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -122,7 +123,9 @@ def train(config: Config, *, resume: bool = False, init_backbone: str | Path | N
     "seconds", "train_set", "val_set", "output_dir"}`` (``metrics``: final COCO AP or None).
 
     ``resume`` continues from ``output_dir/checkpoints`` exactly where it stopped (the same
-    batches, random draws and learning rates as an uninterrupted run). ``init_backbone`` is an
+    batches, random draws and learning rates as an uninterrupted run); a larger
+    ``solver.max_iter`` then extends the run. Without ``resume``, checkpoints of an earlier run
+    in ``output_dir`` are moved to ``checkpoints.previous``. ``init_backbone`` is an
     ImageNet ResNet state dict (torchvision ``.pth`` or ``.safetensors``), used on a fresh start.
     Each callback is called as ``callback(iteration, losses)`` after every iteration, in every
     process, with the losses averaged over processes; an exception from it ends training as a
@@ -157,10 +160,15 @@ def seed_everything(*keys: int) -> None:
 
 
 class _Trainer:
+    """The state of one training run; :func:`train` is its public face."""
+
     def __init__(self, config: Config, *, resume: bool, init_backbone, progress: bool,
                  callbacks: Sequence[Callback]):
         device = pick_device(config.device)
         self.rank, self.world = dist.init_from_env(device.type)
+        if config.solver.ims_per_batch % self.world:
+            raise ConfigError(f"solver.ims_per_batch={config.solver.ims_per_batch} (the total batch) is "
+                              f"not divisible by the {self.world} processes")
         if self.world > 1 and device.type == "cuda":
             device = torch.device("cuda", dist.local_rank())
         self.device, self.main = device, self.rank == 0
@@ -171,13 +179,9 @@ class _Trainer:
         self.config = self._load_data(config)
         self._build_model(init_backbone if not (resume and last_checkpoint(self.ckpt_dir)) else None)
         self._prepare_state(resume)
-        s = self.config.solver
-        if s.ims_per_batch % self.world:
-            raise ConfigError(f"solver.ims_per_batch={s.ims_per_batch} (the total batch) is not "
-                              f"divisible by the {self.world} processes")
         from maskrcnn.data.loader import build_train_loader
 
-        d = self.config.data
+        s, d = self.config.solver, self.config.data
         self.loader = build_train_loader(
             self.train_set, batch_size=s.ims_per_batch // self.world, num_workers=d.num_workers,
             aspect_ratio_grouping=d.aspect_ratio_grouping, seed=self.config.seed, start_iter=self.start,
@@ -249,8 +253,6 @@ class _Trainer:
             elif found is not None:
                 previous = self.out / "checkpoints.previous"
                 if previous.exists():
-                    import shutil
-
                     shutil.rmtree(previous)
                 os.replace(self.ckpt_dir, previous)
                 print(f"{self.out} held an earlier run: its checkpoints moved to {previous} "
@@ -349,14 +351,15 @@ class _Trainer:
                 f.write(json.dumps(row) + "\n")
 
     def _save(self, it: int) -> None:
-        self.saved_at = it
-        if not self.main:
-            return
+        # Checked in every process (the replicas are identical), so all of them stop together.
         bad = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
         if bad:
             raise TrainingError(f"iteration {it}: the weights became non-finite ({bad[0]} and "
                                 f"{len(bad) - 1} more) although the loss was finite: gradients exploded. "
                                 "No checkpoint was written; lower solver.base_lr or set solver.clip_grad_norm")
+        self.saved_at = it
+        if not self.main:
+            return
         extra = {"max_iter": self.max_iter, "elapsed": self._elapsed(), "config": to_dict(self.config),
                  "metrics": _summary(self.metrics)}
         save_checkpoint(self.ckpt_dir, model=self.model, optimizer=self.optimizer, iteration=it,
