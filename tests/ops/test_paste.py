@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,44 +9,101 @@ tv_roi_heads = pytest.importorskip("torchvision.models.detection.roi_heads")
 from maskrcnn.ops import paste_masks  # noqa: E402
 
 
-def cases(seed, n=25, hw=(200, 300)):
+def cases(seed, n=25, hw=(200, 300), dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    masks = torch.rand(n, 28, 28, generator=g)
-    c = torch.rand(n, 2, generator=g) * torch.tensor([hw[1], hw[0]], dtype=torch.float32)
-    size = torch.rand(n, 2, generator=g) * 120
-    boxes = torch.cat([c - size / 2, c + size / 2], 1)
-    boxes[0] = torch.tensor([3.0, 4.0, 3.5, 4.2])  # tiny
-    boxes[1] = torch.tensor([-50.0, -30.0, 40.0, 20.0])  # partly outside
+    masks = torch.rand(n, 28, 28, generator=g, dtype=torch.float64).to(dtype)
+    c = torch.rand(n, 2, generator=g, dtype=torch.float64) * torch.tensor([hw[1], hw[0]])
+    size = torch.rand(n, 2, generator=g, dtype=torch.float64) * 120
+    boxes = torch.cat([c - size / 2, c + size / 2], 1).to(dtype)
+    special = [[3.0, 4.0, 3.5, 4.2],  # tiny
+               [-50.0, -30.0, 40.0, 20.0],  # partly outside, top-left
+               [hw[1] - 10.0, hw[0] - 5.0, hw[1] + 60.0, hw[0] + 30.0],  # partly outside, bottom-right
+               [-20.0, 70.0, -1.5, 90.0],  # left of the image; its enlarged edge truncates to 0
+               [20.0, 30.0, 20.0, 30.0],  # a point
+               [0.0, 0.0, float(hw[1]), float(hw[0])]]  # whole image
+    boxes[: len(special)] = torch.tensor(special, dtype=dtype)
     return masks, boxes
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_torchvision_mode_is_exact(seed):
-    masks, boxes = cases(seed)
-    expected = tv_roi_heads.paste_masks_in_image(masks[:, None], boxes, (200, 300))[:, 0]
-    assert torch.equal(paste_masks(masks, boxes, (200, 300), soft=True), expected)
-    assert torch.equal(paste_masks(masks, boxes, (200, 300)), expected > 0.5)
-
-
-def test_detectron2_mode_matches_full_image_grid_sample():
-    masks, boxes = cases(2)
-    h, w = 200, 300
+def detectron2_reference(masks, boxes, hw):
+    """Every pixel centre of the whole image sampled with grid_sample, one mask at a time."""
+    h, w = hw
     ys = torch.arange(h, dtype=torch.float32) + 0.5
     xs = torch.arange(w, dtype=torch.float32) + 0.5
-    expected = []
+    out = []
     for m, (x1, y1, x2, y2) in zip(masks, boxes.tolist()):
         gy = (ys - y1) / (y2 - y1) * 2 - 1
         gx = (xs - x1) / (x2 - x1) * 2 - 1
         grid = torch.stack([gx[None].expand(h, w), gy[:, None].expand(h, w)], -1)
-        expected.append(F.grid_sample(m[None, None], grid[None], align_corners=False)[0, 0] >= 0.5)
-    assert torch.equal(paste_masks(masks, boxes, (h, w), mode="detectron2"), torch.stack(expected))
+        out.append(F.grid_sample(m[None, None], grid[None], align_corners=False)[0, 0])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("seed,dtype", [(0, torch.float32), (1, torch.float32), (2, torch.float64)])
+def test_torchvision_mode_is_exact(seed, dtype):
+    masks, boxes = cases(seed, dtype=dtype)
+    expected = tv_roi_heads.paste_masks_in_image(masks[:, None], boxes, (200, 300))[:, 0]
+    soft = paste_masks(masks, boxes, (200, 300), soft=True)
+    assert soft.dtype == dtype and torch.equal(soft, expected)
+    hard = paste_masks(masks, boxes, (200, 300))
+    assert hard.dtype == torch.bool and torch.equal(hard, expected > 0.5)
+    assert torch.equal(paste_masks(masks, boxes, (200, 300), threshold=0.7), expected > 0.7)
+
+
+def test_detectron2_mode_matches_full_image_grid_sample():
+    masks, boxes = cases(3)
+    boxes = boxes[[i for i in range(len(boxes)) if i != 4]]  # D2 divides by zero for a point
+    masks = masks[: len(boxes)]
+    expected = detectron2_reference(masks, boxes, (200, 300))
+    assert torch.equal(paste_masks(masks, boxes, (200, 300), mode="detectron2"), expected >= 0.5)
+    # soft values: Detectron2's, inside one pixel around the box, zero beyond
+    soft = paste_masks(masks, boxes, (200, 300), mode="detectron2", soft=True)
+    for i, (x1, y1, x2, y2) in enumerate(boxes.tolist()):
+        ys = slice(max(math.floor(y1) - 1, 0), max(math.ceil(y2) + 1, 0))
+        xs = slice(max(math.floor(x1) - 1, 0), max(math.ceil(x2) + 1, 0))
+        assert torch.equal(soft[i, ys, xs], expected[i, ys, xs])
+        soft[i, ys, xs] = 0
+    assert not soft.any()
+
+
+def test_wholly_outside_boxes_paste_nothing():
+    # torchvision's own paste fails on these (its clipped slices go negative)
+    masks = torch.ones(3, 28, 28)
+    boxes = torch.tensor([[-90.0, 10.0, -40.0, 50.0], [10.0, 300.0, 50.0, 340.0], [-9.0, -9.0, -3.0, -3.0]])
+    for mode in ("torchvision", "detectron2"):
+        assert not paste_masks(masks, boxes, (200, 300), mode=mode).any()
+
+
+@pytest.mark.parametrize("mode", ["torchvision", "detectron2"])
+def test_threshold_is_strict_for_torchvision_and_inclusive_for_detectron2(mode):
+    masks, boxes = cases(5, n=8)
+    soft = paste_masks(masks, boxes, (200, 300), mode=mode, soft=True)
+    i, y, x = (int(v) for v in torch.nonzero(soft > 0.2)[17])
+    hard = paste_masks(masks, boxes, (200, 300), mode=mode, threshold=soft[i, y, x].item())
+    assert hard[i, y, x].item() == (mode == "detectron2")
+
+
+def test_hand_computed_torchvision_geometry():
+    # a 2x2 map of ones at box (4, 4)-(8, 8) is padded to 4x4 and the box enlarged by 4/2 about
+    # its centre to (2, 2)-(10, 10): a 9x9 resize whose middle is 1 and whose rim fades out
+    out = paste_masks(torch.ones(1, 2, 2), torch.tensor([[4.0, 4.0, 8.0, 8.0]]), (12, 12), soft=True)[0]
+    assert out[6, 6] == 1 and out[2, 2] == 0 and out[:2].sum() == 0 and out[:, 11].sum() == 0
+    assert torch.equal(out, out.T)  # symmetric box, symmetric paste
 
 
 @pytest.mark.parametrize("mode", ["torchvision", "detectron2"])
 def test_result_inside_boxes_does_not_depend_on_image_size(mode):
-    masks, boxes = cases(3, n=10, hw=(150, 250))
-    boxes = boxes.clamp(min=0)
+    masks, boxes = cases(4, n=10, hw=(150, 250))
+    boxes = boxes[6:].clamp(min=0)
+    masks = masks[6:]
     small = paste_masks(masks, boxes, (200, 300), mode=mode)
     large = paste_masks(masks, boxes, (2000, 3000), mode=mode)
+    assert small.any()
     assert torch.equal(large[:, :200, :300], small)
     assert not large[:, 200:, :].any() and not large[:, :, 300:].any()
+
+
+def test_no_instances_and_bad_mode():
+    assert paste_masks(torch.zeros(0, 28, 28), torch.zeros(0, 4), (5, 6)).shape == (0, 5, 6)
+    with pytest.raises(ValueError, match="paste mode"):
+        paste_masks(torch.zeros(1, 28, 28), torch.zeros(1, 4), (5, 6), mode="nearest")

@@ -1,8 +1,15 @@
 """Pasting m x m mask probabilities back into the image inside each detection box (SPEC §3.6).
 
-Work and memory per instance are proportional to its box's area: each mask is resampled only
-over its box's neighbourhood. The (N, H, W) boolean output is allocated zeroed and written
-only there.
+Two rules are reproduced exactly:
+
+* ``"torchvision"``: pad the map with one zero cell on each side, enlarge the box about its
+  centre by (m + 2) / m, truncate it to integers, resize the padded map bilinearly to the
+  integer box plus one pixel, binarise with ``> threshold``.
+* ``"detectron2"``: sample the map bilinearly at every pixel centre, with zeros outside it,
+  binarise with ``>= threshold``.
+
+Work per instance is proportional to its box's area: each mask is resampled only over its
+box's neighbourhood and written there into an output that starts zeroed.
 """
 
 from __future__ import annotations
@@ -14,54 +21,67 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
 _NUMPY = {torch.bool: np.bool_, torch.float32: np.float32, torch.float64: np.float64,
           torch.float16: np.float16}
 
 
-def _torchvision_crop(mask: Tensor, box: Tensor, hw: tuple[int, int]):
-    """One instance with torchvision's rule: pad the m x m map by one zero cell, enlarge the box
-    by (m + 2) / m about its centre, truncate it to integers and resize the padded map to the
-    integer box plus one pixel. Returns the visible crop and its (y0, x0) in the image."""
-    m = mask.shape[-1]
-    padded = F.pad(mask, (1, 1, 1, 1))
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    if device.type == "cpu" and dtype in _NUMPY:
+        # numpy's zeros come from calloc: pages no box touches are never written, so the cost
+        # follows box area, not image area
+        return torch.from_numpy(np.zeros(shape, dtype=_NUMPY[dtype]))
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def _torchvision_boxes(boxes: Tensor, m: int) -> list[list[int]]:
+    """Boxes (N, 4) enlarged by (m + 2) / m about their centres and truncated to int64, with
+    torchvision's operation order."""
     scale = (m + 2) / m
-    half_w = (box[2] - box[0]) * 0.5 * scale
-    half_h = (box[3] - box[1]) * 0.5 * scale
-    cx, cy = (box[2] + box[0]) * 0.5, (box[3] + box[1]) * 0.5
-    x0, y0, x1, y1 = torch.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h]).to(torch.int64).tolist()
-    w, h = max(x1 - x0 + 1, 1), max(y1 - y0 + 1, 1)
-    resized = F.interpolate(padded[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-    ix0, iy0 = max(x0, 0), max(y0, 0)
-    ix1, iy1 = min(x1 + 1, hw[1]), min(y1 + 1, hw[0])
+    half_w = (boxes[:, 2] - boxes[:, 0]) * 0.5 * scale
+    half_h = (boxes[:, 3] - boxes[:, 1]) * 0.5 * scale
+    cx = (boxes[:, 2] + boxes[:, 0]) * 0.5
+    cy = (boxes[:, 3] + boxes[:, 1]) * 0.5
+    return torch.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], 1).to(torch.int64).tolist()
+
+
+def _torchvision_crop(padded: Tensor, box: list[int], hw: tuple[int, int]):
+    """The visible part of one padded (m + 2, m + 2) map resized to its integer box plus one
+    pixel, and its (y0, x0) in the image; None when nothing is visible."""
+    x0, y0, x1, y1 = box
+    ix0, iy0, ix1, iy1 = max(x0, 0), max(y0, 0), min(x1 + 1, hw[1]), min(y1 + 1, hw[0])
     if ix0 >= ix1 or iy0 >= iy1:
-        return None, 0, 0
+        return None
+    size = (max(y1 - y0 + 1, 1), max(x1 - x0 + 1, 1))
+    resized = F.interpolate(padded[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
     return resized[iy0 - y0: iy1 - y0, ix0 - x0: ix1 - x0], iy0, ix0
 
 
-def _detectron2_crop(mask: Tensor, box: Tensor, hw: tuple[int, int]):
-    """One instance sampled at every pixel centre of the box's neighbourhood (bilinear,
-    align_corners=False, zeros outside the m x m map). Returns the crop and its (y0, x0)."""
-    x1, y1, x2, y2 = box.tolist()
+def _detectron2_crop(mask: Tensor, box: Tensor, bounds: list[float], hw: tuple[int, int]):
+    """One (m, m) map sampled at the pixel centres of its box's neighbourhood, and its (y0, x0).
+
+    The neighbourhood reaches one pixel beyond the box on each side, as Detectron2's CPU paste
+    does; no pixel further out can reach 0.5."""
+    x1, y1, x2, y2 = bounds
     ix0, iy0 = max(math.floor(x1) - 1, 0), max(math.floor(y1) - 1, 0)
     ix1, iy1 = min(math.ceil(x2) + 1, hw[1]), min(math.ceil(y2) + 1, hw[0])
     if ix0 >= ix1 or iy0 >= iy1:
-        return None, 0, 0
-    dtype, device = mask.dtype, mask.device
+        return None
+    device = mask.device
     ys = (torch.arange(iy0, iy1, device=device, dtype=torch.float32) + 0.5 - box[1]) / (box[3] - box[1]) * 2 - 1
     xs = (torch.arange(ix0, ix1, device=device, dtype=torch.float32) + 0.5 - box[0]) / (box[2] - box[0]) * 2 - 1
     grid = torch.stack([xs[None, :].expand(len(ys), -1), ys[:, None].expand(-1, len(xs))], -1)
-    crop = F.grid_sample(mask[None, None].float(), grid[None].to(torch.float32), align_corners=False)
-    return crop[0, 0].to(dtype), iy0, ix0
+    mask = mask if mask.is_floating_point() else mask.float()
+    crop = F.grid_sample(mask[None, None], grid[None].to(mask.dtype), align_corners=False)
+    return crop[0, 0], iy0, ix0
 
 
 def paste_masks(masks: Tensor, boxes: Tensor, image_hw: tuple[int, int], mode: str = "torchvision",
                 threshold: float = 0.5, soft: bool = False) -> Tensor:
-    """Paste (N, m, m) probabilities at (N, 4) boxes into (N, H, W) image masks.
+    """Paste (N, m, m) probabilities at (N, 4) boxes (image pixels) into (N, H, W) masks.
 
-    ``mode="torchvision"`` reproduces torchvision's paste and binarises with ``> threshold``;
-    ``mode="detectron2"`` samples at pixel centres and binarises with ``>= threshold``.
-    ``soft=True`` returns the float probabilities instead.
+    Returns bool masks, or with ``soft=True`` the resampled probabilities in ``masks``' dtype
+    (zero outside each box's neighbourhood). ``mode`` is ``"torchvision"`` (binarised with
+    ``> threshold``) or ``"detectron2"`` (``>= threshold``).
 
     >>> paste_masks(torch.ones(1, 28, 28), torch.tensor([[2., 2., 6., 5.]]), (8, 8),
     ...             mode="detectron2").int()[0, 1:7]
@@ -74,22 +94,24 @@ def paste_masks(masks: Tensor, boxes: Tensor, image_hw: tuple[int, int], mode: s
     """
     if mode not in ("torchvision", "detectron2"):
         raise ValueError(f"paste mode must be 'torchvision' or 'detectron2', got {mode!r}")
-    h, w = image_hw
-    dtype = masks.dtype if soft else torch.bool
-    if masks.device.type == "cpu":
-        # numpy's zeros come from calloc: untouched pages cost nothing, so only the pages under
-        # the boxes are ever written and the cost follows box area, not image area
-        out = torch.from_numpy(np.zeros((masks.shape[0], h, w), dtype=_NUMPY[dtype]))
+    n, h, w = masks.shape[0], *image_hw
+    out = _zeros((n, h, w), masks.dtype if soft else torch.bool, masks.device)
+    if n == 0:
+        return out
+    if mode == "torchvision":
+        padded = F.pad(masks, (1, 1, 1, 1))
+        crops = (_torchvision_crop(p, b, image_hw)
+                 for p, b in zip(padded, _torchvision_boxes(boxes, masks.shape[-1])))
     else:
-        out = torch.zeros((masks.shape[0], h, w), dtype=dtype, device=masks.device)
-    crop_fn = _torchvision_crop if mode == "torchvision" else _detectron2_crop
-    for i in range(masks.shape[0]):
-        crop, y0, x0 = crop_fn(masks[i], boxes[i], image_hw)
+        crops = (_detectron2_crop(m, b, bounds, image_hw)
+                 for m, b, bounds in zip(masks, boxes, boxes.tolist()))
+    for i, crop in enumerate(crops):
         if crop is None:
             continue
-        region = out[i, y0: y0 + crop.shape[0], x0: x0 + crop.shape[1]]
+        values, y0, x0 = crop
+        region = out[i, y0: y0 + values.shape[0], x0: x0 + values.shape[1]]
         if soft:
-            region.copy_(crop)
+            region.copy_(values)
         else:
-            region.copy_(crop > threshold if mode == "torchvision" else crop >= threshold)
+            region.copy_(values > threshold if mode == "torchvision" else values >= threshold)
     return out
