@@ -202,3 +202,20 @@ def test_amp_on_cuda_trains_checkpoints_the_gpu_generator_and_resumes(shapes, tm
     result = train(config, resume=True, progress=False)
     assert result["iterations"] == 3 and next(result["model"].parameters()).is_cuda
     assert all(torch.isfinite(torch.tensor(r["total_loss"])) for r in rows(out))
+
+
+def test_init_backbone_loads_imagenet_weights_from_a_pth_file(shapes, tmp_path):
+    from maskrcnn.engine.trainer import seed_everything
+    from maskrcnn.modeling.mask_rcnn import build_model
+
+    config = tiny_config(shapes, tmp_path / "run", val=False, max_iter=0)
+    torch.manual_seed(123)
+    body = build_model(config.model).backbone.body.state_dict()
+    imagenet = {k: v for k, v in body.items() if not k.endswith("num_batches_tracked")}
+    imagenet["fc.weight"] = torch.zeros(1000, 512)  # the classifier of an ImageNet file is ignored
+    torch.save(imagenet, tmp_path / "resnet18.pth")
+    model = train(config, init_backbone=tmp_path / "resnet18.pth", progress=False)["model"]
+    got = model.backbone.body.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in imagenet.items() if k != "fc.weight")
+    seed_everything(config.seed)  # what train() would have initialised without the file
+    assert not torch.equal(build_model(config.model).backbone.body.conv1.weight, got["conv1.weight"])
