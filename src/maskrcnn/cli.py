@@ -53,9 +53,10 @@ def _is_user_error(exc: Exception) -> bool:
     except ImportError:
         pass
     try:
+        from maskrcnn.engine.checkpoint import CheckpointError
         from maskrcnn.engine.trainer import TrainingError
 
-        user.append(TrainingError)
+        user += [TrainingError, CheckpointError]
     except ImportError:
         pass
     return isinstance(exc, tuple(user))
@@ -182,6 +183,7 @@ def cmd_predict(args) -> int:
     from maskrcnn.evaluation.coco_eval import encode_mask
     from maskrcnn.visualize import overlay
 
+    _require_file(args.weights)
     paths = expand_inputs(args.inputs)
     for path in paths:  # fail before any output, with one line, if a file is not an image
         _check_image(path)
