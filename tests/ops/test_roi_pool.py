@@ -4,18 +4,61 @@ import torch
 tv_ops = pytest.importorskip("torchvision.ops")
 
 from maskrcnn.ops import RoIPool, roi_pool  # noqa: E402
-from test_roi_align import BOXES, feature  # noqa: E402
+
+H, W = 10, 13
+BOXES = torch.tensor([
+    [0, 1.3, 2.2, 7.7, 8.1],       # inside
+    [1, -3.0, -2.0, 5.0, 4.0],     # partly outside
+    [0, 10.0, 3.0, 30.0, 30.0],    # partly outside
+    [1, -30.0, -30.0, -20.0, -20.0],  # wholly outside: every bin empty
+    [0, 5.0, 5.0, 5.0, 5.0],       # a point: one cell
+    [1, 9.0, 1.0, 3.0, 7.0],       # x2 < x1: treated as one cell wide
+    [0, 5.0, 3.0, 15.0, 7.0],      # corners at .5 after scaling by 0.5: C rounds half away from 0
+    [1, -5.0, 1.0, 7.0, 3.0],      # -2.5 after scaling by 0.5
+    [0, 0.0, 0.0, 26.0, 20.0],     # the whole map at scale 0.5
+], dtype=torch.float64)
 
 
-@pytest.mark.parametrize("scale,size", [(1.0, 2), (0.5, (3, 4)), (0.25, 7)])
-def test_forward_and_gradient_equal_torchvision(scale, size):
-    x = feature().requires_grad_(True)
-    boxes = torch.cat([BOXES, torch.tensor([[0, 2.5, 3.5, 9.5, 7.5]], dtype=torch.float64)])
-    ours = roi_pool(x, boxes, size, scale)
-    theirs = tv_ops.roi_pool(x, boxes, size, scale)
+def feature(channels=3, batch=2, dtype=torch.float64, ties=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if ties:  # few distinct values, so most bins hold several maxima
+        return torch.randint(0, 3, (batch, channels, H, W), generator=g).to(dtype)
+    return torch.randn(batch, channels, H, W, generator=g, dtype=torch.float64).to(dtype)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("scale,size", [(1.0, 2), (0.5, (3, 4)), (0.25, 7), (1 / 3, (2, 5))])
+def test_forward_and_gradient_equal_torchvision(scale, size, ties):
+    x = feature(ties=ties).requires_grad_(True)
+    ours = roi_pool(x, BOXES, size, scale)
+    theirs = tv_ops.roi_pool(x, BOXES, size, scale)
     assert torch.equal(ours, theirs)
     grad = torch.randn_like(ours)
     (g1,) = torch.autograd.grad(ours, x, grad)
     (g2,) = torch.autograd.grad(theirs, x, grad)
     torch.testing.assert_close(g1, g2, rtol=0, atol=1e-12)
-    torch.testing.assert_close(RoIPool(size, scale)(x, boxes), theirs)
+
+
+def test_float32_channels_last_list_form_and_module():
+    x = feature(5, dtype=torch.float32)
+    boxes = BOXES.float()
+    expected = tv_ops.roi_pool(x, boxes, 3, 0.5)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(roi_pool(x_cl, boxes, 3, 0.5), expected)
+    per_image = [boxes[boxes[:, 0] == i, 1:] for i in range(2)]
+    assert torch.equal(RoIPool(3, 0.5)(x, per_image), tv_ops.roi_pool(x, per_image, 3, 0.5))
+
+
+def test_empty_bins_give_zero_and_no_gradient():
+    x = feature().requires_grad_(True)
+    out = roi_pool(x, BOXES[3:4], 2, 1.0)  # wholly outside the map
+    assert torch.equal(out, torch.zeros_like(out))
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+def test_no_boxes():
+    x = feature().requires_grad_(True)
+    out = roi_pool(x, torch.zeros(0, 5, dtype=torch.float64), 7)
+    assert out.shape == (0, 3, 7, 7)
+    out.sum().backward()
