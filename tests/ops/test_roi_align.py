@@ -119,6 +119,15 @@ def test_no_boxes_gives_an_empty_output_that_still_backpropagates():
     assert torch.equal(x.grad, torch.zeros_like(x))
 
 
+def test_boxes_all_outside_the_map_give_zeros_and_no_gradient():
+    x = feature().requires_grad_(True)
+    rois = torch.tensor([[0, -30.0, -30.0, -20.0, -20.0], [1, 40.0, 40.0, 50.0, 50.0]], dtype=torch.float64)
+    out = roi_align(x, rois, 2, 1.0, 2, False)
+    assert torch.equal(out, torch.zeros_like(out))
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
 def test_bad_batch_index_is_an_error():
     with pytest.raises(ValueError, match="batch indices"):
         roi_align(feature(), torch.tensor([[2.0, 0, 0, 4, 4]], dtype=torch.float64), 2)

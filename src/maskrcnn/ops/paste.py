@@ -41,7 +41,8 @@ def _torchvision_boxes(boxes: Tensor, m: int) -> list[list[int]]:
     half_h = (boxes[:, 3] - boxes[:, 1]) * 0.5 * scale
     cx = (boxes[:, 2] + boxes[:, 0]) * 0.5
     cy = (boxes[:, 3] + boxes[:, 1]) * 0.5
-    return torch.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], 1).to(torch.int64).tolist()
+    expanded = torch.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], 1)
+    return expanded.to(torch.int64).tolist()
 
 
 def _torchvision_crop(padded: Tensor, box: list[int], hw: tuple[int, int]):
@@ -52,8 +53,8 @@ def _torchvision_crop(padded: Tensor, box: list[int], hw: tuple[int, int]):
     if ix0 >= ix1 or iy0 >= iy1:
         return None
     size = (max(y1 - y0 + 1, 1), max(x1 - x0 + 1, 1))
-    resized = F.interpolate(padded[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
-    return resized[iy0 - y0: iy1 - y0, ix0 - x0: ix1 - x0], iy0, ix0
+    resized = F.interpolate(padded[None, None], size=size, mode="bilinear", align_corners=False)
+    return resized[0, 0][iy0 - y0: iy1 - y0, ix0 - x0: ix1 - x0], iy0, ix0
 
 
 def _detectron2_crop(mask: Tensor, box: Tensor, bounds: list[float], hw: tuple[int, int]):
@@ -66,9 +67,11 @@ def _detectron2_crop(mask: Tensor, box: Tensor, bounds: list[float], hw: tuple[i
     ix1, iy1 = min(math.ceil(x2) + 1, hw[1]), min(math.ceil(y2) + 1, hw[0])
     if ix0 >= ix1 or iy0 >= iy1:
         return None
-    device = mask.device
-    ys = (torch.arange(iy0, iy1, device=device, dtype=torch.float32) + 0.5 - box[1]) / (box[3] - box[1]) * 2 - 1
-    xs = (torch.arange(ix0, ix1, device=device, dtype=torch.float32) + 0.5 - box[0]) / (box[2] - box[0]) * 2 - 1
+    # Detectron2's normalised coordinates: -1 and 1 are the box edges
+    ys = torch.arange(iy0, iy1, device=mask.device, dtype=torch.float32) + 0.5
+    xs = torch.arange(ix0, ix1, device=mask.device, dtype=torch.float32) + 0.5
+    ys = (ys - box[1]) / (box[3] - box[1]) * 2 - 1
+    xs = (xs - box[0]) / (box[2] - box[0]) * 2 - 1
     grid = torch.stack([xs[None, :].expand(len(ys), -1), ys[:, None].expand(-1, len(xs))], -1)
     mask = mask if mask.is_floating_point() else mask.float()
     crop = F.grid_sample(mask[None, None], grid[None].to(mask.dtype), align_corners=False)

@@ -39,15 +39,17 @@ def _axis_taps(start: Tensor, length: Tensor, pooled: int, size: int, ratio: int
     if not aligned:
         length = length.clamp(min=1.0)
     bin_size = length / pooled
-    grid = torch.full_like(start, ratio, dtype=torch.int64) if ratio > 0 else torch.ceil(bin_size).long()
-    g = max(int(grid.max()), 1)
+    if ratio > 0:
+        grid = torch.full_like(start, ratio, dtype=torch.int64)
+    else:
+        grid = torch.ceil(bin_size).long()
     dtype, device = start.dtype, start.device
     p = torch.arange(pooled, device=device, dtype=dtype)[None, :, None]
-    i = torch.arange(g, device=device)[None, None, :]
-    b = bin_size[:, None, None]
+    i = torch.arange(max(int(grid.max()), 1), device=device)[None, None, :]
+    b, g = bin_size[:, None, None], grid[:, None, None]
     # operation order of the reference kernel: start + p * bin + (i + .5) * bin / grid
-    pos = start[:, None, None] + p * b + (i.to(dtype) + 0.5) * b / grid.clamp(min=1).to(dtype)[:, None, None]
-    valid = (i < grid[:, None, None]) & (pos >= -1.0) & (pos <= size)
+    pos = start[:, None, None] + p * b + (i.to(dtype) + 0.5) * b / g.clamp(min=1).to(dtype)  # (K, P, G)
+    valid = (i < g) & (pos >= -1.0) & (pos <= size)
     pos = pos.clamp(min=0)
     low = pos.floor()
     edge = low >= size - 1
@@ -102,7 +104,8 @@ def _operator(rois: Tensor, k0: int, k1: int, y, x, shape, transpose: bool):
     x_cells, x_weights = x_cells[..., :dx], x_weights[..., :dx]
     count = (y_grid * x_grid).clamp(min=1).to(y_weights.dtype)
     # (k, ph, pw, iy, ix): the outer product of a bin's y taps and x taps
-    values = y_weights[:, :, None, :, None] * x_weights[:, None, :, None, :] / count[:, None, None, None, None]
+    values = (y_weights[:, :, None, :, None] * x_weights[:, None, :, None, :]
+              / count[:, None, None, None, None])
     y_offset = rois[k0:k1, 0].long()[:, None, None] * (h * w) + y_cells * w  # (k, PH, dy)
     cols = y_offset[:, :, None, :, None] + x_cells[:, None, :, None, :]
     entries = values.flatten().nonzero().squeeze(1)
@@ -171,7 +174,7 @@ class _RoIAlign(torch.autograd.Function):
         blocks = _channel_blocks(grad)
         for i, (k0, k1, s_t) in enumerate(ctx.pieces):
             for c0, c1 in blocks:
-                g = torch.sparse.mm(s_t, _as_rows(grad_out[k0:k1, c0:c1], dtype))  # (N*H*W, c1 - c0)
+                g = torch.sparse.mm(s_t, _as_rows(grad_out[k0:k1, c0:c1], dtype))  # (N*H*W, block)
                 g = g.view(n, h, w, c1 - c0).permute(0, 3, 1, 2)
                 if i == 0:
                     grad[:, c0:c1] = g
@@ -183,7 +186,8 @@ class _RoIAlign(torch.autograd.Function):
 def _as_rois(boxes, input: Tensor) -> Tensor:
     """(K, 5) ``[batch_index, x1, y1, x2, y2]`` rows from a tensor of rows or a list of (K_i, 4)."""
     if isinstance(boxes, (list, tuple)):
-        boxes = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], 1) for i, b in enumerate(boxes)])
+        boxes = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], 1)
+                           for i, b in enumerate(boxes)])
     if boxes.dim() != 2 or boxes.shape[1] != 5:
         raise ValueError(f"boxes must be (K, 5) [batch, x1, y1, x2, y2] or a list of (K_i, 4), "
                          f"got {tuple(boxes.shape)}")
@@ -221,8 +225,8 @@ def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0,
 class RoIAlign(nn.Module):
     """Module form of :func:`roi_align`.
 
-    >>> RoIAlign(7, spatial_scale=1 / 16, sampling_ratio=2)(torch.zeros(1, 8, 50, 50),
-    ...                                                    [torch.tensor([[0., 0., 64., 64.]])]).shape
+    >>> pool = RoIAlign(7, spatial_scale=1 / 16, sampling_ratio=2)
+    >>> pool(torch.zeros(1, 8, 50, 50), [torch.tensor([[0., 0., 64., 64.]])]).shape
     torch.Size([1, 8, 7, 7])
     """
 

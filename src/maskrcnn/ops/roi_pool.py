@@ -92,9 +92,11 @@ class _RoIPool(torch.autograd.Function):
         best, cells = _max_cells(rows, batch, y, x, (h, w))  # (K, PH, PW, C)
         empty = ((y[1] <= y[0])[:, :, None] | (x[1] <= x[0])[:, None, :])[:, None]  # (K, 1, PH, PW)
         out = torch.where(empty, 0.0, best.permute(0, 3, 1, 2)).to(input.dtype)
-        # cell (b * H + row) * W + col of the NCHW input's channel: (b * C + channel) * H * W + row * W + col
+        # cell (b * H + row) * W + col, as an index into the NCHW input:
+        # (b * C + channel) * H * W + row * W + col
         channel = torch.arange(c, device=input.device)[None, :, None, None] * (h * w)
-        flat = cells.permute(0, 3, 1, 2) + (batch * ((c - 1) * h * w))[:, None, None, None] + channel
+        image = (batch * ((c - 1) * h * w))[:, None, None, None]
+        flat = cells.permute(0, 3, 1, 2) + image + channel  # (K, C, PH, PW)
         ctx.save_for_backward(torch.where(empty, -1, flat))
         ctx.input_shape = input.shape
         return out
