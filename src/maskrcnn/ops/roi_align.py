@@ -102,10 +102,9 @@ def _operator(rois: Tensor, k0: int, k1: int, y, x, shape, transpose: bool):
     dx = max(int((x_weights != 0).sum(-1).max()), 1)
     y_cells, y_weights = y_cells[..., :dy], y_weights[..., :dy]
     x_cells, x_weights = x_cells[..., :dx], x_weights[..., :dx]
-    count = (y_grid * x_grid).clamp(min=1).to(y_weights.dtype)
+    count = (y_grid * x_grid).clamp(min=1).to(y_weights.dtype)  # samples per bin
     # (k, ph, pw, iy, ix): the outer product of a bin's y taps and x taps
-    values = (y_weights[:, :, None, :, None] * x_weights[:, None, :, None, :]
-              / count[:, None, None, None, None])
+    values = (y_weights / count[:, None, None])[:, :, None, :, None] * x_weights[:, None, :, None, :]
     y_offset = rois[k0:k1, 0].long()[:, None, None] * (h * w) + y_cells * w  # (k, PH, dy)
     cols = y_offset[:, :, None, :, None] + x_cells[:, None, :, None, :]
     entries = values.flatten().nonzero().squeeze(1)
