@@ -1,5 +1,7 @@
 """Learning works: the small CPU model overfits one image with three overlapping instances."""
 
+import math
+
 import pytest
 import torch
 
@@ -38,9 +40,12 @@ def test_small_model_overfits_one_image():
     model = build_model(small_cpu_model(num_classes=3))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
-    for it in range(300):
+    iterations = 300
+    for it in range(iterations):
+        # linear warm-up, then cosine decay: the last iterate settles instead of jittering
+        scale = min(1.0, (it + 1) / 50) * 0.5 * (1 + math.cos(math.pi * it / iterations))
         for group in opt.param_groups:
-            group["lr"] = 0.01 * min(1.0, (it + 1) / 50)
+            group["lr"] = 0.01 * scale
         losses = model([image], [target])
         loss = sum(losses.values())
         opt.zero_grad()
