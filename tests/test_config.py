@@ -20,6 +20,13 @@ def test_overrides_parse_values_and_reject_unknown_keys():
         apply_overrides(Config(), ["solver.base_lr=fast"])
 
 
+def test_integer_keys_take_whole_numbers_only():
+    assert apply_overrides(Config(), ["solver.max_iter=2e3"]).solver.max_iter == 2000
+    with pytest.raises(ConfigError, match="solver.ims_per_batch' expects a whole number"):
+        apply_overrides(Config(), ["solver.ims_per_batch=2.5"])
+    assert apply_overrides(Config(), ["solver.base_lr=1"]).solver.base_lr == 1.0
+
+
 def test_replace_nested_changes_only_the_named_field():
     config = replace_nested(Config(), **{"model.backbone.depth": 18})
     assert config.model.backbone.depth == 18

@@ -107,6 +107,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class SolverConfig:
     ims_per_batch: int = 16
+    optimizer: str = "sgd"  # "sgd" (with momentum) or "adamw" (momentum is then beta1)
     base_lr: float = 0.02
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -261,9 +262,13 @@ def _coerce(type_hint: Any, default: Any, value: Any, path: str) -> Any:
         if isinstance(default, kind) and not isinstance(default, bool):
             try:
                 number = float(value)
-                return int(number) if kind is int and number == int(number) else kind(number)
             except (TypeError, ValueError):
                 raise ConfigError(f"config key '{path}' expects a number, got {value!r}") from None
+            if kind is float:
+                return number
+            if not number.is_integer():
+                raise ConfigError(f"config key '{path}' expects a whole number, got {value!r}")
+            return int(number)
     if isinstance(default, str):
         return str(value)
     return value

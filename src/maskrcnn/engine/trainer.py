@@ -56,6 +56,20 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def build_optimizer(solver, groups: list[dict]) -> torch.optim.Optimizer:
+    """SGD with momentum, or AdamW (``solver.momentum`` as its beta1), over ``groups``.
+
+    >>> from maskrcnn.config import SolverConfig
+    >>> type(build_optimizer(SolverConfig(optimizer="adamw"), [{"params": [nn.Parameter(torch.zeros(1))]}])).__name__
+    'AdamW'
+    """
+    if solver.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=solver.base_lr, momentum=solver.momentum)
+    if solver.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=solver.base_lr, betas=(solver.momentum, 0.999))
+    raise ConfigError(f"solver.optimizer: unknown optimizer '{solver.optimizer}'; use 'sgd' or 'adamw'")
+
+
 def check_finite(losses: dict, iteration: int, checkpoint: str | Path | None = None) -> None:
     """Raise :class:`TrainingError` naming the iteration, the non-finite terms and likely causes.
 
@@ -224,8 +238,7 @@ class _Trainer:
             report = load_backbone_weights(self.model, init_backbone)  # torch.load(weights_only=True)
             if self.main:
                 print(f"backbone weights from {init_backbone}: {report}")
-        self.optimizer = torch.optim.SGD(param_groups(self.model, s.weight_decay), lr=s.base_lr,
-                                         momentum=s.momentum)
+        self.optimizer = build_optimizer(s, param_groups(self.model, s.weight_decay))
         self.use_amp = s.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.net = self.model
