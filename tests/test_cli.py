@@ -86,6 +86,22 @@ def test_eval_prints_ap_table_and_rejects_other_class_counts(shapes, weights, tm
                            "--weights", two), "predicts 2 classes but")
 
 
+def test_train_runs_a_tiny_config_and_prints_the_ap_table(shapes, tmp_path):
+    data = shapes / "data"
+    code, out, err = run("train", "small_cpu", f"data.train_json={data / 'train.json'}",
+                         f"data.train_images={data / 'train'}", f"data.val_json={data / 'val.json'}",
+                         f"data.val_images={data / 'val'}", "data.num_workers=0", "solver.ims_per_batch=2",
+                         "solver.max_minutes=0", "solver.max_iter=2", "solver.warmup_iters=1", "model.input.min_size_train=[96]",
+                         "model.input.min_size_test=96", "model.input.max_size=128",
+                         f"output_dir={tmp_path / 'run'}")
+    assert code == 0, err
+    assert "trained 2 iterations" in out and "mask" in out and "category" in out
+    assert (tmp_path / "run" / "model_final.safetensors").is_file()
+    assert_user_error(*run("train", "small_cpu", f"data.train_json={data / 'train.json'}",
+                           f"data.train_images={data / 'train'}", "solver.ims_per_batch=8"),
+                      "lower solver.ims_per_batch")
+
+
 def test_train_rejects_unknown_config_key(shapes):
     assert_user_error(*run("train", "small_cpu", "solver.learning_rate=0.1"), "unknown config key 'solver.learning_rate'")
     assert_user_error(*run("train", shapes / "missing.yaml"), "no such config file")

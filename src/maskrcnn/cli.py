@@ -242,7 +242,17 @@ def cmd_train(args) -> int:
     config = load_config(args.config, args.overrides)
     if args.init_backbone:
         _require_file(args.init_backbone)
-    train(config, resume=args.resume, init_backbone=args.init_backbone)
+    from maskrcnn.engine.distributed import is_main
+
+    result = train(config, resume=args.resume, init_backbone=args.init_backbone)
+    if not is_main():  # another process of a distributed run
+        return 0
+    print(f"trained {result['iterations']} iterations in {result['seconds'] / 60:.1f} min; "
+          f"weights and logs in {result['output_dir']}/")
+    if result["metrics"]:
+        from maskrcnn.evaluation.coco_eval import format_table
+
+        print(format_table(result["metrics"]))
     return 0
 
 

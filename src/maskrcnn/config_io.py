@@ -1,7 +1,8 @@
 """Configs as YAML files mapped onto the frozen dataclasses, with ``key=value`` overrides.
 
-A YAML file starts from the defaults, from a named model preset (``preset: small_cpu``) or from
-another file (``base: other.yaml``, relative to this one), then sets any field::
+A YAML file starts from the defaults, from a named preset (``preset: small_cpu``: its model and
+its training recipe, see ``maskrcnn.config.preset_config``) or from another file
+(``base: other.yaml``, relative to this one), then sets any field::
 
     preset: small_cpu
     data: {train_json: data/shapes/train.json, train_images: data/shapes/train}
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from maskrcnn.config import PRESETS, Config, ConfigError, apply_overrides, from_dict, to_dict
+from maskrcnn.config import PRESETS, Config, ConfigError, apply_overrides, from_dict, preset_config, to_dict
 
 
 
@@ -30,7 +31,7 @@ def _merge(base: dict, update: dict) -> dict:
 def _preset(name: str, where: str) -> dict:
     if name not in PRESETS:
         raise ConfigError(f"{where}: unknown preset {name!r}; presets: {', '.join(PRESETS)}")
-    return to_dict(Config(model=PRESETS[name]()))
+    return to_dict(preset_config(name))
 
 
 def _read_yaml(path: Path) -> dict:

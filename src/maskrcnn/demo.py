@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from maskrcnn.config import Config, DataConfig, SolverConfig, small_cpu_model
+from maskrcnn.config import Config, DataConfig, preset_config
 
 
 def demo_config(out: Path, minutes: float, device: str = "auto") -> Config:
     data = out / "data"
-    return Config(
-        model=small_cpu_model(num_classes=3),
-        solver=SolverConfig(ims_per_batch=4, base_lr=0.02, schedule="cosine", warmup_iters=100,
-                            max_iter=100_000, max_minutes=minutes, checkpoint_period=200, log_period=10),
+    config = preset_config("small_cpu")
+    return replace(
+        config, solver=replace(config.solver, max_minutes=minutes),
         data=DataConfig(train_json=str(data / "train.json"), train_images=str(data / "train"),
                         val_json=str(data / "val.json"), val_images=str(data / "val"), num_workers=1),
         output_dir=str(out / "train"), device=device)

@@ -212,6 +212,10 @@ class _Trainer:
             raise ConfigError("data.train_json and data.train_images must name a COCO-format "
                               "training set (e.g. data.train_json=data/shapes/train.json)")
         self.train_set = CocoDataset(d.train_json, d.train_images, drop_empty=d.drop_empty, skip_bad=d.skip_bad)
+        if len(self.train_set) < config.solver.ims_per_batch:
+            raise ConfigError(f"{d.train_json} has {len(self.train_set)} usable training images, fewer than "
+                              f"one batch (solver.ims_per_batch={config.solver.ims_per_batch}); lower "
+                              "solver.ims_per_batch or add images")
         if self.main and sum(self.train_set.skipped.values()):
             print(f"skipped records in {d.train_json}: {self.train_set.skipped_summary()}")
         self.val_set = CocoDataset(d.val_json, d.val_images, skip_bad=d.skip_bad) if d.val_json else None
