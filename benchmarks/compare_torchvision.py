@@ -1,7 +1,7 @@
 """Side by side with torchvision on this machine: same weights, inputs and thread count, the two
 implementations alternating; medians and ratios (ours / torchvision) in one table.
 
-    python benchmarks/compare_torchvision.py [--threads 2] [--repeats 3] [--quick]
+    python benchmarks/compare_torchvision.py [--threads 2] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -65,9 +65,8 @@ def inference(repeats: int) -> None:
     row("inference R50-FPN, 800x1333 image", a, b)
 
 
-def small_tv_model():
-    """torchvision's Mask R-CNN assembled with the small CPU preset's settings."""
-    cfg = small_cpu_model(3)
+def small_tv_model(cfg):
+    """torchvision's Mask R-CNN assembled with the settings of ``cfg`` (a ResNet-18-FPN config)."""
     body = torchvision.models.resnet18(weights=None, norm_layer=torch.nn.BatchNorm2d)
     backbone = BackboneWithFPN(body, {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
                                [64, 128, 256, 512], cfg.backbone.fpn_channels)
@@ -86,14 +85,14 @@ def small_tv_model():
         mask_predictor=MaskRCNNPredictor(h.mask_conv_dims[-1], h.mask_conv_dims[-1], 4))
 
 
-def train_step(repeats: int) -> None:
-    torch.manual_seed(0)
-    tv = small_tv_model().train()
+def train_step(repeats: int, name: str, **changes) -> None:
     # the same conventions as torchvision's: legacy RoIAlign with 2x2 samples, soft mask targets
     cfg = replace_nested(small_cpu_model(3), **{"roi_heads.pooler_sampling_ratio": 2,
                                                "roi_heads.pooler_aligned": False,
                                                "roi_heads.mask_target": "roi_align_soft",
-                                               "rpn.anchor_round": True})
+                                               "rpn.anchor_round": True, **changes})
+    torch.manual_seed(0)
+    tv = small_tv_model(cfg).train()
     ours = build_model(cfg).train()
     g = torch.Generator().manual_seed(0)
     images = [torch.rand(3, 240 + 16 * i, 320, generator=g) for i in range(4)]
@@ -117,7 +116,7 @@ def train_step(repeats: int) -> None:
         return run
 
     a, b = alternate(step(ours, opts[0]), step(tv, opts[1]), repeats)
-    row("train step, small CPU preset settings, 4 images", a, b)
+    row(f"train step, {name}, 4 images", a, b)
 
 
 def roi_align_rows(repeats: int) -> None:
@@ -140,8 +139,9 @@ def roi_align_rows(repeats: int) -> None:
 def paste_rows(repeats: int) -> None:
     g = torch.Generator().manual_seed(0)
     masks = torch.rand(100, 28, 28, generator=g)
-    xy = torch.rand(100, 2, generator=g) * 1500
-    boxes = torch.cat([xy, xy + 40 + torch.rand(100, 2, generator=g) * 200], 1)
+    # the same boxes, inside even the smaller image, for both sizes
+    xy = torch.rand(100, 2, generator=g) * torch.tensor([1200.0, 700.0])
+    boxes = torch.cat([xy, xy + 40 + torch.rand(100, 2, generator=g) * 250], 1)
     for hw in ((1000, 1500), (2000, 3000)):
         a, b = alternate(lambda: paste_masks(masks, boxes, hw, mode="torchvision"),
                          lambda: paste_masks_in_image(masks[:, None], boxes, hw) > 0.5, repeats)
@@ -178,7 +178,14 @@ def main() -> None:
     print(f"{'measurement':58s} {'ours':>10s} {'torchvision':>10s} {'ratio':>8s}")
     roi_align_rows(args.repeats)
     paste_rows(args.repeats)
-    train_step(args.repeats)
+    train_step(args.repeats, "small CPU preset settings")
+    # torchvision's defaults on the same ResNet-18: 256-channel FPN, 512 RoIs per image, the
+    # 1024-wide box head and the four-conv mask head
+    train_step(args.repeats, "R18-FPN with torchvision's head defaults",
+               **{"backbone.fpn_channels": 256, "roi_heads.batch_size_per_image": 512,
+                  "roi_heads.box_fc_dim": 1024, "roi_heads.mask_conv_dims": (256, 256, 256, 256),
+                  "rpn.batch_size_per_image": 256, "rpn.pre_nms_topk_train": 2000,
+                  "rpn.post_nms_topk_train": 2000})
     inference(args.repeats)
     peak_memory()
 

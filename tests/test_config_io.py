@@ -1,10 +1,11 @@
 """YAML configs: presets, base files, overrides, unknown keys named with their file, round trips."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from maskrcnn.config import PRESETS, Config, ConfigError, paper_model, small_cpu_model
+from maskrcnn.config import PRESETS, Config, ConfigError, paper_model, small_cpu_model, small_cpu_solver
 from maskrcnn.config_io import load_config, save_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -41,7 +42,7 @@ def test_base_files_chain_relative_to_the_including_file(tmp_path):
 
 
 def test_unknown_keys_are_named_with_their_file(tmp_path):
-    base = write(tmp_path / "base.yaml", "solver: {base_lr: 0.1, lr_steps: [1, 2]}\n")
+    write(tmp_path / "base.yaml", "solver: {base_lr: 0.1, lr_steps: [1, 2]}\n")
     leaf = write(tmp_path / "leaf.yaml", "base: base.yaml\n")
     with pytest.raises(ConfigError, match=r"base\.yaml.*solver\.lr_steps"):
         load_config(leaf)
@@ -88,4 +89,5 @@ def test_the_shipped_recipes():
     assert tv.model == Config().model  # torchvision conventions are the defaults
     small = load_config(CONFIGS / "small_cpu_shapes.yaml")
     assert small.model.backbone.depth == 18 and small.data.train_json == "data/shapes/train.json"
-    assert small.solver.ims_per_batch == 4 and small.solver.max_minutes > 0
+    assert small.solver == replace(small_cpu_solver(), max_minutes=14)  # the preset's recipe
+    assert small.solver.optimizer == "adamw" and load_config("paper").solver.optimizer == "sgd"

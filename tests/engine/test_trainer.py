@@ -8,9 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from maskrcnn.config import Config, DataConfig, SolverConfig, replace_nested, small_cpu_model
+from maskrcnn.config import Config, ConfigError, DataConfig, SolverConfig, replace_nested, small_cpu_model
 from maskrcnn.engine.checkpoint import last_checkpoint, load_checkpoint, read_checkpoint_info
-from maskrcnn.engine.trainer import TimeBudget, TrainingError, check_finite, param_groups, train
+from maskrcnn.engine.trainer import (TimeBudget, TrainingError, build_optimizer, check_finite, param_groups,
+                                    train)
 
 
 @pytest.fixture(scope="module")
@@ -50,16 +51,18 @@ def kill_after(iteration):
     return callback
 
 
-def test_a_run_killed_and_resumed_logs_exactly_what_an_uninterrupted_run_logs(shapes, tmp_path):
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_a_run_killed_and_resumed_logs_exactly_what_an_uninterrupted_run_logs(shapes, tmp_path, optimizer):
     """Kill after iteration 3 (checkpoint and evaluation at 2), resume: the same losses and
     learning rates bit for bit, the same final weights, no duplicated log rows."""
     full, killed = tmp_path / "full", tmp_path / "killed"
-    train(tiny_config(shapes, full, eval_period=2), progress=False)
+    settings = {"eval_period": 2, "optimizer": optimizer}
+    train(tiny_config(shapes, full, **settings), progress=False)
     with pytest.raises(Killed):
-        train(tiny_config(shapes, killed, eval_period=2), progress=False, callbacks=[kill_after(3)])
+        train(tiny_config(shapes, killed, **settings), progress=False, callbacks=[kill_after(3)])
     assert read_checkpoint_info(killed / "checkpoints")["iteration"] == 2
     assert [r["iteration"] for r in rows(killed)] == [1, 2, 2, 3]  # 3 was logged, then the kill
-    result = train(tiny_config(shapes, killed, eval_period=2), resume=True, progress=False)
+    result = train(tiny_config(shapes, killed, **settings), resume=True, progress=False)
 
     def losses(out):
         return [{k: v for k, v in r.items() if k != "time"} for r in rows(out) if "total_loss" in r]
@@ -187,6 +190,17 @@ def test_norm_parameters_get_no_weight_decay():
     assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0.0
     assert {id(p) for p in decay["params"]} == {id(model[0].weight), id(model[3].weight), id(model[3].bias)}
     assert len(no_decay["params"]) == 4
+
+
+def test_optimizer_choice():
+    groups = param_groups(torch.nn.Linear(2, 2), 1e-4)
+    sgd = build_optimizer(SolverConfig(base_lr=0.1, momentum=0.8), groups)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.8
+    adamw = build_optimizer(SolverConfig(optimizer="adamw", base_lr=1e-3, momentum=0.85), groups)
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["betas"] == (0.85, 0.999)
+    assert [g["weight_decay"] for g in adamw.param_groups] == [1e-4, 0.0]
+    with pytest.raises(ConfigError, match="solver.optimizer: unknown optimizer 'adam'"):
+        build_optimizer(SolverConfig(optimizer="adam"), groups)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
