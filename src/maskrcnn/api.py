@@ -39,8 +39,7 @@ def to_image_tensor(image) -> Tensor:
             array = np.repeat(array[..., None], 3, axis=2)
         if array.ndim != 3 or array.shape[2] not in (3, 4):
             raise ValueError(f"expected an (H, W, 3) RGB array, got shape {array.shape}")
-        array = np.ascontiguousarray(array[..., :3])
-        tensor = torch.from_numpy(array).permute(2, 0, 1)
+        tensor = torch.from_numpy(array[..., :3].copy()).permute(2, 0, 1)  # owned and writable
         return tensor if tensor.dtype == torch.uint8 else tensor.float()
     from PIL import Image
 
