@@ -1,7 +1,10 @@
 """Side by side with torchvision on this machine: same weights, inputs and thread count, the two
 implementations alternating; medians and ratios (ours / torchvision) in one table.
 
-    python benchmarks/compare_torchvision.py [--threads 2] [--repeats 3]
+    python benchmarks/compare_torchvision.py [--threads 2] [--repeats 3] [--sizes 800x1333 600x1000]
+
+Where the CPU has bf16 instructions, extra rows time the opt-in bf16 mode: ours in bf16 against
+torchvision in float32 (its default), and both under bf16 autocast.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ from maskrcnn.config import replace_nested, small_cpu_model  # noqa: E402
 from maskrcnn.interop.torchvision import from_torchvision  # noqa: E402
 from maskrcnn.modeling.mask_rcnn import build_model  # noqa: E402
 from maskrcnn.ops import paste_masks, roi_align  # noqa: E402
+from maskrcnn.precision import bf16_autocast, cpu_has_bf16  # noqa: E402
+
+BF16 = cpu_has_bf16()
 
 
 def alternate(ours, theirs, repeats: int) -> tuple[float, float]:
@@ -56,13 +62,29 @@ def tv_r50(seed: int = 0):
     return model.eval()
 
 
-def inference(repeats: int) -> None:
+def in_bf16(fn):
+    def run():
+        with bf16_autocast("cpu", True):
+            return fn()
+    return run
+
+
+def inference(repeats: int, sizes: list[tuple[int, int]]) -> None:
     tv = tv_r50()
     ours = from_torchvision(tv.state_dict(), verbose=False).optimize_for_inference()
-    image = torch.rand(3, 800, 1333)
-    with torch.inference_mode():
-        a, b = alternate(lambda: ours([image]), lambda: tv([image]), repeats)
-    row("inference R50-FPN, 800x1333 image", a, b)
+    for h, w in sizes:
+        image = torch.rand(3, h, w)
+        ours_fn, tv_fn = (lambda: ours([image])), (lambda: tv([image]))
+        with torch.inference_mode():
+            a, b = alternate(ours_fn, tv_fn, repeats)
+            row(f"inference R50-FPN, {h}x{w} (HxW) image", a, b)
+            if BF16:
+                ours.use_bf16(True)
+                a, b = alternate(ours_fn, tv_fn, repeats)
+                row("  ours in bf16 (opt-in), torchvision in float32", a, b)
+                a, b = alternate(ours_fn, in_bf16(tv_fn), repeats)
+                row("  both in bf16", a, b)
+                ours.use_bf16(False)
 
 
 def small_tv_model(cfg):
@@ -85,7 +107,7 @@ def small_tv_model(cfg):
         mask_predictor=MaskRCNNPredictor(h.mask_conv_dims[-1], h.mask_conv_dims[-1], 4))
 
 
-def train_step(repeats: int, name: str, **changes) -> None:
+def train_step(repeats: int, name: str, bf16: bool = False, **changes) -> None:
     # the same conventions as torchvision's: legacy RoIAlign with 2x2 samples, soft mask targets
     cfg = replace_nested(small_cpu_model(3), **{"roi_heads.pooler_sampling_ratio": 2,
                                                "roi_heads.pooler_aligned": False,
@@ -117,6 +139,12 @@ def train_step(repeats: int, name: str, **changes) -> None:
 
     a, b = alternate(step(ours, opts[0]), step(tv, opts[1]), repeats)
     row(f"train step, {name}, 4 images", a, b)
+    if bf16 and BF16:
+        ours.use_bf16(True)
+        a, b = alternate(step(ours, opts[0]), step(tv, opts[1]), repeats)
+        row("  ours in bf16 (opt-in), torchvision in float32", a, b)
+        a, b = alternate(step(ours, opts[0]), in_bf16(step(tv, opts[1])), repeats)
+        row("  both in bf16", a, b)
 
 
 def roi_align_rows(repeats: int) -> None:
@@ -171,14 +199,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sizes", nargs="+", default=["800x1333"], metavar="HxW",
+                        help="input sizes of the inference rows (both models resize to 800 / 1333)")
     args = parser.parse_args()
+    sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes]
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, {args.threads} threads, "
-          f"median of {args.repeats} alternating runs")
+          f"median of {args.repeats} alternating runs, CPU bf16 instructions: {'yes' if BF16 else 'no'}")
     print(f"{'measurement':58s} {'ours':>10s} {'torchvision':>10s} {'ratio':>8s}")
     roi_align_rows(args.repeats)
     paste_rows(args.repeats)
-    train_step(args.repeats, "small CPU preset settings")
+    train_step(args.repeats, "small CPU preset settings", bf16=True)
     # torchvision's defaults on the same ResNet-18: 256-channel FPN, 512 RoIs per image, the
     # 1024-wide box head and the four-conv mask head
     train_step(args.repeats, "R18-FPN with torchvision's head defaults",
@@ -186,7 +217,7 @@ def main() -> None:
                   "roi_heads.box_fc_dim": 1024, "roi_heads.mask_conv_dims": (256, 256, 256, 256),
                   "rpn.batch_size_per_image": 256, "rpn.pre_nms_topk_train": 2000,
                   "rpn.post_nms_topk_train": 2000})
-    inference(args.repeats)
+    inference(args.repeats, sizes)
     peak_memory()
 
 

@@ -66,6 +66,18 @@ def test_predict_writes_overlays_results_and_masks(shapes, weights, tmp_path):
     assert list(out.glob("*_mask*.png"))
 
 
+def test_predict_bf16_runs_where_the_cpu_has_bf16_and_is_refused_in_one_line_elsewhere(shapes, weights, tmp_path):
+    from maskrcnn.precision import cpu_has_bf16
+
+    result = run("predict", shapes / "data" / "val", "--weights", weights, "--out", tmp_path / "p",
+                 "--score-threshold", 0.0, "--bf16", "--device", "cpu")
+    if cpu_has_bf16():
+        assert result[0] == 0, result[2]
+        assert json.loads((tmp_path / "p" / "results.json").read_text())
+    else:
+        assert_user_error(*result, "bf16 needs a CPU with bfloat16 instructions")
+
+
 def test_predict_errors(shapes, weights, tmp_path):
     assert_user_error(*run("predict", tmp_path / "none.png", "--weights", weights, "--out", tmp_path),
                       "no such file, folder or matching pattern")

@@ -84,8 +84,10 @@ class Predictor:
         return results
 
 
-def load(weights: str | Path, *, device: str = "auto", score_threshold: float = 0.5) -> Predictor:
+def load(weights: str | Path, *, device: str = "auto", score_threshold: float = 0.5,
+         bf16: bool = False) -> Predictor:
     """A predictor from a weight file written by training, the demo or ``maskrcnn convert``.
+    ``bf16=True`` is the opt-in bfloat16 mode (``MaskRCNN.use_bf16``).
 
     >>> predictor = load("demo_out/model.safetensors")  # doctest: +SKIP
     """
@@ -93,5 +95,7 @@ def load(weights: str | Path, *, device: str = "auto", score_threshold: float = 
     model = build_model(config)
     model.load_state_dict(state)
     model.optimize_for_inference()
-    return Predictor(model, class_names=names, category_ids=ids, score_threshold=score_threshold,
-                     device=device)
+    predictor = Predictor(model, class_names=names, category_ids=ids, score_threshold=score_threshold,
+                          device=device)
+    predictor.model.use_bf16(bf16)
+    return predictor

@@ -19,6 +19,10 @@ EXAMPLES = {
 }
 
 
+BF16_HELP = ("bfloat16 convolutions and matrix products: about 2x faster on CPUs with bf16 "
+             "instructions; results differ slightly (README: Performance)")
+
+
 class UserError(Exception):
     """A mistake the user can fix; printed as one line."""
 
@@ -100,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", required=True, help="weight file (.safetensors)")
     p.add_argument("--out", default=None, help="folder for results.json and metrics.json")
     p.add_argument("--device", default="auto")
+    p.add_argument("--bf16", action="store_true", help=BF16_HELP)
 
     p = command("predict", "Segment images: overlays, one COCO results JSON, optional mask PNGs.", cmd_predict)
     p.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
@@ -108,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-threshold", type=float, default=0.5)
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--bf16", action="store_true", help=BF16_HELP)
     p.add_argument("--save-masks", action="store_true", help="also write one PNG per instance")
 
     p = command("make-shapes", "Write the built-in synthetic COCO-format shapes data set.", cmd_make_shapes)
@@ -187,7 +193,7 @@ def cmd_predict(args) -> int:
     paths = expand_inputs(args.inputs)
     for path in paths:  # fail before any output, with one line, if a file is not an image
         _check_image(path)
-    predictor = _load_predictor(args.weights, args.device, args.score_threshold)
+    predictor = _load_predictor(args.weights, args.device, args.score_threshold, args.bf16)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
@@ -219,7 +225,7 @@ def cmd_eval(args) -> int:
 
     _require_file(args.annotations)
     _require_dir(args.images)
-    predictor = _load_predictor(args.weights, args.device, 0.0)
+    predictor = _load_predictor(args.weights, args.device, 0.0, args.bf16)
     dataset = CocoDataset(args.annotations, args.images)
     if dataset.num_classes != predictor.model.num_classes:
         raise UserError(f"{args.weights} predicts {predictor.model.num_classes} classes but "
@@ -307,12 +313,12 @@ def _read_image(path: Path):
         raise UserError(f"{path}: cannot read this image ({_one_line(exc)})") from None
 
 
-def _load_predictor(weights: str, device: str, score_threshold: float):
+def _load_predictor(weights: str, device: str, score_threshold: float, bf16: bool):
     from maskrcnn.api import load
 
     _require_file(weights)
     try:
-        return load(weights, device=device, score_threshold=score_threshold)
+        return load(weights, device=device, score_threshold=score_threshold, bf16=bf16)
     except (ValueError, RuntimeError) as exc:
         raise UserError(_one_line(exc)) from None
 

@@ -121,6 +121,7 @@ class SolverConfig:
     warmup_factor: float = 0.001
     clip_grad_norm: float = 0.0  # 0 disables
     amp: bool = True  # used only on CUDA
+    bf16: bool = False  # opt-in bfloat16 autocast; ~2x faster on CPUs with bf16 instructions
     checkpoint_period: int = 5000
     eval_period: int = 0  # 0: only at the end
     log_period: int = 20

@@ -203,6 +203,20 @@ def test_optimizer_choice():
         build_optimizer(SolverConfig(optimizer="adam"), groups)
 
 
+def test_bf16_training_on_the_cpu_runs_and_is_refused_without_bf16_instructions(shapes, tmp_path, monkeypatch):
+    from maskrcnn import precision
+
+    config = replace_nested(tiny_config(shapes, tmp_path / "bf16", val=False, max_iter=2),
+                            device="cpu", **{"solver.bf16": True})
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+    with pytest.raises(ConfigError, match="solver.bf16: bf16 needs a CPU with bfloat16 instructions"):
+        train(config, progress=False)
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)  # emulated where the CPU lacks it
+    result = train(config, progress=False)
+    assert result["iterations"] == 2 and result["model"].bf16
+    assert all(torch.isfinite(torch.tensor(r["total_loss"])) for r in rows(tmp_path / "bf16"))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_amp_on_cuda_trains_checkpoints_the_gpu_generator_and_resumes(shapes, tmp_path):
     out = tmp_path / "cuda"

@@ -60,3 +60,36 @@ def test_train_mode_without_targets_says_what_to_do():
     model = build_model(small_cpu_model(num_classes=2))
     with pytest.raises(ValueError, match="model.eval"):
         model([torch.rand(3, 64, 64)])
+
+
+def test_bf16_mode_trains_and_predicts_with_float32_outputs_close_to_float32(monkeypatch):
+    from maskrcnn import precision
+
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)  # emulated where the CPU lacks it
+    torch.manual_seed(0)
+    model = build_model(replace_nested(small_cpu_model(num_classes=2), **{"roi_heads.score_thresh": 0.0}))
+    image, target = sample()
+    losses = {}
+    for bf16 in (False, True):
+        model.use_bf16(bf16)
+        torch.manual_seed(1)  # the same sampled anchors and RoIs
+        losses[bf16] = model([image], [target])
+    for name, value in losses[True].items():
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value, losses[False][name], rtol=0.05, atol=0.01)
+    sum(losses[True].values()).backward()
+    grad = model.backbone.body.conv1.weight.grad
+    assert grad.dtype == torch.float32 and grad.abs().sum() > 0
+
+    model.eval()
+    with torch.no_grad():
+        features = model.backbone(image[None])
+        logits32, deltas32 = model.rpn.head(features)
+        model.use_bf16(True)
+        with precision.bf16_autocast("cpu", True):
+            logits16, deltas16 = model.rpn.head(model.backbone(image[None]))
+        out = model([image])[0]
+    assert logits16.dtype == deltas16.dtype == torch.float32
+    torch.testing.assert_close(logits16, logits32, rtol=0.05, atol=0.05)
+    assert out["boxes"].dtype == out["scores"].dtype == torch.float32 and out["masks"].dtype == torch.bool
+    assert len(out["scores"]) > 0

@@ -219,3 +219,19 @@ def test_cuda_matches_cpu():
     gpu = roi_align(xc, rois.cuda(), 3, 0.5, 2, False)
     (gpu_grad,) = torch.autograd.grad(gpu, xc, grad_out.cuda())
     assert max_error(gpu.cpu(), cpu) < 1e-10 and max_error(gpu_grad.cpu(), cpu_grad) < 1e-10
+
+
+def test_under_autocast_the_sums_stay_float32_and_the_output_keeps_the_input_dtype():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 20, 24, generator=g)
+    rois = torch.tensor([[0, 1.3, 2.2, 15.1, 17.9], [1, 0.0, 0.0, 23.0, 19.0]])
+    ref = roi_align(x, rois, 7, 1.0, 2, True)
+    low_in = x.bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        same = roi_align(x, rois, 7, 1.0, 2, True)
+        low = roi_align(low_in, rois, 7, 1.0, 2, True)
+    assert torch.equal(same, ref)
+    assert low.dtype == torch.bfloat16
+    assert torch.equal(low, roi_align(low_in.detach().float(), rois, 7, 1.0, 2, True).bfloat16())
+    low.float().sum().backward()
+    assert low_in.grad.dtype == torch.bfloat16 and low_in.grad.abs().sum() > 0

@@ -236,6 +236,10 @@ class _Trainer:
 
         s = self.config.solver
         self.model = build_model(self.config.model).to(self.device)
+        try:
+            self.model.use_bf16(s.bf16)
+        except ValueError as e:
+            raise ConfigError(f"solver.bf16: {e}") from None
         if init_backbone:
             from maskrcnn.interop.torchvision import load_backbone_weights
 

@@ -39,7 +39,7 @@ class BoxPredictor(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x = x.flatten(1)
-        return self.cls_score(x), self.bbox_pred(x)
+        return self.cls_score(x).float(), self.bbox_pred(x).float()  # float32 under bf16 too
 
 
 def box_losses(class_logits: Tensor, deltas: Tensor, labels: Tensor, target_deltas: Tensor,

@@ -38,7 +38,7 @@ class MaskHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         for conv in self.convs:
             x = F.relu(conv(x))
-        return self.predictor(F.relu(self.deconv(x)))
+        return self.predictor(F.relu(self.deconv(x))).float()  # float32 under bf16 too
 
 
 def mask_targets(gt_masks, boxes: Tensor, matched: Tensor, size: int, mode: str) -> Tensor:

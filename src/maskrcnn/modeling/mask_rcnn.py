@@ -19,6 +19,7 @@ from maskrcnn.modeling.resnet import BLOCKS, ResNet, fold_norms, make_stage
 from maskrcnn.modeling.roi_heads import RoIHeads
 from maskrcnn.modeling.rpn import RPN, RPNHead
 from maskrcnn.modeling.transform import postprocess, preprocess
+from maskrcnn.precision import bf16_autocast, check_bf16
 
 FPN_STRIDES = (4, 8, 16, 32)
 
@@ -46,6 +47,7 @@ class MaskRCNN(nn.Module):
         super().__init__()
         self.backbone, self.rpn, self.roi_heads = backbone, rpn, roi_heads
         self.config = config
+        self.bf16 = False
 
     @property
     def num_classes(self) -> int:
@@ -65,6 +67,15 @@ class MaskRCNN(nn.Module):
         self.backbone.channels_last = True
         return self
 
+    def use_bf16(self, enabled: bool = True) -> "MaskRCNN":
+        """Opt-in: convolutions and matrix products in bfloat16 (see ``maskrcnn.precision``),
+        in training and inference. About twice as fast on CPUs with bf16 instructions; raises a
+        ValueError on a device without them. Changes the outputs slightly."""
+        if enabled:
+            check_bf16(next(self.parameters()).device)
+        self.bf16 = enabled
+        return self
+
     def forward(self, images: list[Tensor], targets: list[dict] | None = None):
         """images: list of (3, H_i, W_i) RGB, uint8 or float in [0, 1].
 
@@ -76,15 +87,16 @@ class MaskRCNN(nn.Module):
                 raise ValueError("in train mode the model needs targets; call model.eval() to predict")
             check_targets(targets)
         batch, targets, mask_scales = preprocess(images, targets, self.config.input, self.training)
-        features = self.backbone(batch.tensor)
-        padded_hw = tuple(batch.tensor.shape[-2:])
-        gt_boxes = [t["boxes"] for t in targets] if self.training else None
-        proposals, losses = self.rpn(features, padded_hw, batch.image_sizes, gt_boxes)
-        roi_features = features[: self.backbone.num_roi_levels]
-        if self.training:
-            losses.update(self.roi_heads.forward_train(roi_features, proposals, targets, mask_scales))
-            return losses
-        results = self.roi_heads.forward_test(roi_features, proposals, batch.image_sizes)
+        with bf16_autocast(batch.tensor.device.type, self.bf16):
+            features = self.backbone(batch.tensor)
+            padded_hw = tuple(batch.tensor.shape[-2:])
+            gt_boxes = [t["boxes"] for t in targets] if self.training else None
+            proposals, losses = self.rpn(features, padded_hw, batch.image_sizes, gt_boxes)
+            roi_features = features[: self.backbone.num_roi_levels]
+            if self.training:
+                losses.update(self.roi_heads.forward_train(roi_features, proposals, targets, mask_scales))
+                return losses
+            results = self.roi_heads.forward_test(roi_features, proposals, batch.image_sizes)
         cfg = self.config.roi_heads
         return postprocess(results, batch.image_sizes, [tuple(im.shape[-2:]) for im in images],
                            paste=cfg.paste, threshold=cfg.mask_threshold)

@@ -32,7 +32,7 @@ class RPNHead(nn.Module):
             logits.append(self.objectness(x).permute(0, 2, 3, 1).reshape(n, -1))
             d = self.deltas(x).view(n, -1, 4, h, w)  # (N, A, 4, H, W)
             deltas.append(d.permute(0, 3, 4, 1, 2).reshape(n, -1, 4))
-        return torch.cat(logits, 1), torch.cat(deltas, 1)
+        return torch.cat(logits, 1).float(), torch.cat(deltas, 1).float()  # float32 under bf16 too
 
 
 def select_proposals(boxes: Tensor, logits: Tensor, level_counts: list[int], image_hw: tuple[int, int],
