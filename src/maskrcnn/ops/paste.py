@@ -15,22 +15,27 @@ box's neighbourhood and written there into an output that starts zeroed.
 from __future__ import annotations
 
 import math
+import mmap
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-_NUMPY = {torch.bool: np.bool_, torch.float32: np.float32, torch.float64: np.float64,
-          torch.float16: np.float16}
-
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    if device.type == "cpu" and dtype in _NUMPY:
-        # numpy's zeros come from calloc: pages no box touches are never written, so the cost
-        # follows box area, not image area
-        return torch.from_numpy(np.zeros(shape, dtype=_NUMPY[dtype]))
-    return torch.zeros(shape, dtype=dtype, device=device)
+    """A zeroed tensor whose memory, on the CPU, costs only where it is written.
+
+    An anonymous mapping is zero-filled by the kernel one 4 KiB page at a time, on first touch,
+    so pasting costs follow box area rather than image area. Huge pages are refused for it: a
+    single touch would then zero 2 MiB.
+    """
+    numel = math.prod(shape)
+    if device.type != "cpu" or numel == 0:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    buffer = mmap.mmap(-1, numel * torch.empty((), dtype=dtype).element_size())
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux
+        buffer.madvise(mmap.MADV_NOHUGEPAGE)
+    return torch.frombuffer(buffer, dtype=dtype, count=numel).view(shape)  # keeps buffer alive
 
 
 def _torchvision_boxes(boxes: Tensor, m: int) -> list[list[int]]:
