@@ -212,7 +212,7 @@ def main() -> None:
     train_step(args.repeats, "small CPU preset settings", bf16=True)
     # torchvision's defaults on the same ResNet-18: 256-channel FPN, 512 RoIs per image, the
     # 1024-wide box head and the four-conv mask head
-    train_step(args.repeats, "R18-FPN with torchvision's head defaults",
+    train_step(args.repeats, "R18-FPN with torchvision's head defaults", bf16=True,
                **{"backbone.fpn_channels": 256, "roi_heads.batch_size_per_image": 512,
                   "roi_heads.box_fc_dim": 1024, "roi_heads.mask_conv_dims": (256, 256, 256, 256),
                   "rpn.batch_size_per_image": 256, "rpn.pre_nms_topk_train": 2000,
