@@ -217,7 +217,7 @@ def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0,
         raise ValueError(f"box batch indices must be integers in [0, {input.shape[0]})")
     # forward runs without grad mode, so whether S^T will be needed is decided here
     needs_grad = torch.is_grad_enabled() and input.requires_grad
-    # the sums run in float32 even under autocast; the output keeps the input's dtype
+    # autocast must not lower the sums' precision; the output keeps the input's dtype
     with torch.autocast(input.device.type, enabled=False):
         return _RoIAlign.apply(input, rois, tuple(output_size), float(spatial_scale),
                                int(sampling_ratio), bool(aligned), needs_grad)
