@@ -25,20 +25,26 @@ def _float_threshold(threshold: float, dtype: torch.dtype) -> float:
     return float(t)
 
 
-def _overlaps(boxes, areas, rows, start: int, threshold: float) -> np.ndarray:
+def _overlaps(boxes: np.ndarray, areas: np.ndarray, rows: np.ndarray, start: int,
+              threshold: float) -> np.ndarray:
     """Boolean (R, N - start): IoU of boxes ``rows`` with boxes ``start:`` exceeds threshold.
 
-    ``boxes`` (N, 4) and ``areas`` (N,) are numpy arrays or tensors of one dtype.
+    ``boxes`` (N, 4) and ``areas`` (N,) of one dtype. Each line's first operation allocates and
+    the rest work in place: the values of the plain expressions, with two temporaries, not twelve.
     """
-    xp = np if isinstance(boxes, np.ndarray) else torch
     a, b = boxes[rows], boxes[start:]
-    w = (xp.minimum(a[:, 2, None], b[:, 2]) - xp.maximum(a[:, 0, None], b[:, 0])).clip(min=0)
-    h = (xp.minimum(a[:, 3, None], b[:, 3]) - xp.maximum(a[:, 1, None], b[:, 1])).clip(min=0)
-    inter = w * h
+    w = np.minimum(a[:, 2, None], b[:, 2])
+    w -= np.maximum(a[:, 0, None], b[:, 0])
+    np.maximum(w, 0, out=w)
+    h = np.minimum(a[:, 3, None], b[:, 3])
+    h -= np.maximum(a[:, 1, None], b[:, 1])
+    np.maximum(h, 0, out=h)
+    inter = np.multiply(w, h, out=w)
+    union = np.add(areas[rows, None], areas[start:], out=h)
+    union -= inter
     with np.errstate(divide="ignore", invalid="ignore"):  # two empty boxes: 0 / 0 is no overlap
-        iou = inter / (areas[rows, None] + areas[start:] - inter)
-    over = iou > threshold
-    return over if xp is np else over.cpu().numpy()
+        iou = np.divide(inter, union, out=inter)
+    return iou > threshold
 
 
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
@@ -56,10 +62,9 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     if ordered.dtype not in (torch.float32, torch.float64):
         ordered = ordered.float()
     threshold = _float_threshold(float(iou_threshold), ordered.dtype)
-    if ordered.device.type == "cpu":
-        # numpy's loops run on the calling thread; these blocks are too small to gain from
-        # torch's thread pool and pay for waking it on every operation
-        ordered = ordered.numpy()
+    # numpy's loops run on the calling thread; these blocks are too small to gain from torch's
+    # thread pool (or a GPU) and pay for waking it on every operation
+    ordered = ordered.cpu().numpy()
     areas = (ordered[:, 2] - ordered[:, 0]) * (ordered[:, 3] - ordered[:, 1])
     suppressed = np.zeros(n, dtype=bool)
     keep = []
@@ -68,8 +73,7 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
         rows = np.flatnonzero(~suppressed[start:end]) + start
         if rows.size == 0:
             continue
-        over = _overlaps(ordered, areas, rows if isinstance(ordered, np.ndarray)
-                         else torch.from_numpy(rows).to(boxes.device), start, threshold)
+        over = _overlaps(ordered, areas, rows, start, threshold)
         # the greedy pass is sequential only inside the block
         block = suppressed[start:end].copy()
         kept_rows = []
