@@ -69,11 +69,15 @@ def test_bf16_mode_trains_and_predicts_with_float32_outputs_close_to_float32(mon
     torch.manual_seed(0)
     model = build_model(replace_nested(small_cpu_model(num_classes=2), **{"roi_heads.score_thresh": 0.0}))
     image, target = sample()
+    layouts = []  # bf16 runs the backbone channels-last, where oneDNN's bf16 kernels are fastest
+    model.backbone.register_forward_pre_hook(lambda _, args: layouts.append(
+        not args[0].is_contiguous() and args[0].is_contiguous(memory_format=torch.channels_last)))
     losses = {}
     for bf16 in (False, True):
         model.use_bf16(bf16)
         torch.manual_seed(1)  # the same sampled anchors and RoIs
         losses[bf16] = model([image], [target])
+    assert layouts == [False, True]
     for name, value in losses[True].items():
         assert value.dtype == torch.float32
         torch.testing.assert_close(value, losses[False][name], rtol=0.05, atol=0.01)
