@@ -78,6 +78,7 @@ def test_bf16_mode_trains_and_predicts_with_float32_outputs_close_to_float32(mon
         torch.manual_seed(1)  # the same sampled anchors and RoIs
         losses[bf16] = model([image], [target])
     assert layouts == [False, True]
+    assert not model.backbone.body.layer1[0].conv1.weight.is_contiguous()  # channels-last
     for name, value in losses[True].items():
         assert value.dtype == torch.float32
         torch.testing.assert_close(value, losses[False][name], rtol=0.05, atol=0.01)
@@ -97,3 +98,5 @@ def test_bf16_mode_trains_and_predicts_with_float32_outputs_close_to_float32(mon
     torch.testing.assert_close(logits16, logits32, rtol=0.05, atol=0.05)
     assert out["boxes"].dtype == out["scores"].dtype == torch.float32 and out["masks"].dtype == torch.bool
     assert len(out["scores"]) > 0
+    model.use_bf16(False)  # back to the float32 path's layout
+    assert all(p.is_contiguous() for p in model.parameters())

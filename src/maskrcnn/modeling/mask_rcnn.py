@@ -68,11 +68,16 @@ class MaskRCNN(nn.Module):
     def use_bf16(self, enabled: bool = True) -> "MaskRCNN":
         """Opt-in: convolutions and matrix products in bfloat16 (see ``maskrcnn.precision``),
         in training and inference. About twice as fast on CPUs with bf16 instructions; raises a
-        ValueError on a device without them. Changes the outputs slightly. The backbone then runs
-        on channels-last tensors, in which oneDNN's bf16 convolutions need no reorders."""
+        ValueError on a device without them. Changes the outputs slightly.
+
+        Weights and activations are then channels-last, the layout of oneDNN's bf16 kernels:
+        in PyTorch's default layout every convolution reorders its weights and inputs, forward
+        and backward. Turning bf16 off restores the default layout of the float32 path."""
         if enabled:
             check_bf16(next(self.parameters()).device)
         self.bf16 = enabled
+        channels_last = enabled or self.channels_last
+        self.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         return self
 
     def forward(self, images: list[Tensor], targets: list[dict] | None = None):
