@@ -2,6 +2,7 @@
 non-finite losses with the last checkpoint kept, images without objects, wall-time budgets."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -203,18 +204,33 @@ def test_optimizer_choice():
         build_optimizer(SolverConfig(optimizer="adam"), groups)
 
 
-def test_bf16_training_on_the_cpu_runs_and_is_refused_without_bf16_instructions(shapes, tmp_path, monkeypatch):
+def test_bf16_training_is_refused_without_bf16_instructions_and_resumes_exactly(shapes, tmp_path, monkeypatch):
+    """bf16 keeps the weights channels-last while checkpoints are plain tensors: a killed and
+    resumed bf16 run still logs and ends exactly as an uninterrupted one."""
     from maskrcnn import precision
 
-    config = replace_nested(tiny_config(shapes, tmp_path / "bf16", val=False, max_iter=2),
-                            device="cpu", **{"solver.bf16": True})
+    def config(out):
+        return replace_nested(tiny_config(shapes, out, val=False, optimizer="adamw"), device="cpu",
+                              **{"solver.bf16": True})
+
     monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
     with pytest.raises(ConfigError, match="solver.bf16: bf16 needs a CPU with bfloat16 instructions"):
-        train(config, progress=False)
+        train(config(tmp_path / "refused"), progress=False)
     monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)  # emulated where the CPU lacks it
-    result = train(config, progress=False)
-    assert result["iterations"] == 2 and result["model"].bf16
-    assert all(torch.isfinite(torch.tensor(r["total_loss"])) for r in rows(tmp_path / "bf16"))
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    result = train(config(full), progress=False)
+    assert result["iterations"] == 4 and result["model"].bf16
+    with pytest.raises(Killed):
+        train(config(killed), progress=False, callbacks=[kill_after(3)])
+    train(config(killed), resume=True, progress=False)
+
+    def losses(out):
+        return [{k: v for k, v in r.items() if k != "time"} for r in rows(out) if "total_loss" in r]
+
+    assert losses(killed) == losses(full) and len(losses(full)) == 4
+    assert all(math.isfinite(r["total_loss"]) for r in losses(full))
+    final, resumed = load_file(full / "model_final.safetensors"), load_file(killed / "model_final.safetensors")
+    assert all(torch.equal(final[k], resumed[k]) for k in final)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
