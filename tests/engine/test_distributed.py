@@ -87,9 +87,13 @@ class Killed(Exception):
     pass
 
 
-def trainer_worker(rank, port, data, out, kill_at, resume):
+def trainer_worker(rank, port, data, out, kill_at, resume, bf16):
+    from maskrcnn import precision
     from maskrcnn.config import Config, DataConfig, SolverConfig, replace_nested, small_cpu_model
     from maskrcnn.engine.trainer import train
+
+    if bf16:
+        precision.cpu_has_bf16 = lambda: True  # emulated where the CPU lacks bf16 instructions
 
     join_group(rank, port)
     model = replace_nested(small_cpu_model(3), **{"input.min_size_train": (96,), "input.min_size_test": 96,
@@ -99,7 +103,7 @@ def trainer_worker(rank, port, data, out, kill_at, resume):
                                     val_json=str(data / "val.json"), val_images=str(data / "val"),
                                     num_workers=0),
                     solver=SolverConfig(ims_per_batch=2, base_lr=0.01, warmup_iters=1, max_iter=3,
-                                        checkpoint_period=1, log_period=1))
+                                        checkpoint_period=1, log_period=1, bf16=bf16))
     seen = []
 
     def record(it, losses):
@@ -118,7 +122,8 @@ def trainer_worker(rank, port, data, out, kill_at, resume):
 
 
 @pytest.mark.slow
-def test_the_trainer_on_two_processes_keeps_them_in_step_and_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16"])  # bf16: channels-last weights
+def test_the_trainer_on_two_processes_keeps_them_in_step_and_resumes_exactly(tmp_path, bf16):
     from maskrcnn.data.shapes import make_shapes
 
     data = tmp_path / "data"
@@ -126,7 +131,7 @@ def test_the_trainer_on_two_processes_keeps_them_in_step_and_resumes_exactly(tmp
     full, killed = tmp_path / "full", tmp_path / "killed"
     for out, kill_at, resume in ((full, 0, False), (killed, 2, False), (killed, 0, True)):
         out.mkdir(exist_ok=True)
-        mp.spawn(trainer_worker, args=(free_port(), data, out, kill_at, resume), nprocs=2, join=True)
+        mp.spawn(trainer_worker, args=(free_port(), data, out, kill_at, resume, bf16), nprocs=2, join=True)
     w0, w1 = (load_file(str(full / f"weights_rank{r}.safetensors")) for r in range(2))
     # DDP keeps the parameters identical; BN running statistics are each process's own (rank 0's
     # are broadcast at every forward, and they are what checkpoints hold).
