@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-_BLOCK = 256  # boxes decided together; their overlaps with all later boxes are one tensor op
+_BLOCK = 256  # boxes decided together; their overlaps with all later boxes are one array op
 
 
 def _float_threshold(threshold: float, dtype: torch.dtype) -> float:
@@ -63,7 +63,7 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
         ordered = ordered.float()
     threshold = _float_threshold(float(iou_threshold), ordered.dtype)
     # numpy's loops run on the calling thread; these blocks are too small to gain from torch's
-    # thread pool (or a GPU) and pay for waking it on every operation
+    # thread pool and pay for waking it on every operation. GPU boxes come over once (N x 4).
     ordered = ordered.cpu().numpy()
     areas = (ordered[:, 2] - ordered[:, 0]) * (ordered[:, 3] - ordered[:, 1])
     suppressed = np.zeros(n, dtype=bool)
