@@ -53,7 +53,7 @@ class MaskRCNN(nn.Module):
 
     def optimize_for_inference(self) -> "MaskRCNN":
         """The CPU fast path, for a model that will only predict from now on: fixed-statistics
-        norms are folded into the convs before them and the backbone runs on channels-last
+        norms are folded into the convs before them and every conv runs on channels-last
         tensors, which the CPU convolution kernels (oneDNN) process faster. Float rounding
         differs from the plain path in the last bits; the state dict no longer matches a
         training checkpoint."""
@@ -61,8 +61,8 @@ class MaskRCNN(nn.Module):
         fold_norms(self.backbone.body)
         if self.roi_heads.res5 is not None:
             fold_norms(self.roi_heads.res5)
-        self.backbone.to(memory_format=torch.channels_last)
         self.channels_last = True
+        self.to(memory_format=torch.channels_last)
         return self
 
     def use_bf16(self, enabled: bool = True) -> "MaskRCNN":
@@ -96,7 +96,7 @@ class MaskRCNN(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         with bf16_autocast(x.device.type, self.bf16):
             features = self.backbone(x)
-            padded_hw = tuple(batch.tensor.shape[-2:])
+            padded_hw = tuple(x.shape[-2:])
             gt_boxes = [t["boxes"] for t in targets] if self.training else None
             proposals, losses = self.rpn(features, padded_hw, batch.image_sizes, gt_boxes)
             roi_features = features[: self.backbone.num_roi_levels]
