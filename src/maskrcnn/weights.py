@@ -16,7 +16,8 @@ FORMAT = "maskrcnn-weights-v1"
 
 def save_weights(path: str | Path, model: nn.Module, *, class_names: list[str] | None = None,
                  category_ids: list[int] | None = None) -> Path:
-    """Write ``model`` (a ``MaskRCNN``) atomically: a kill mid-write leaves any old file intact."""
+    """Write ``model`` (a ``MaskRCNN``) atomically: a kill or a failed write (a full disk)
+    leaves any old file intact and no partial file."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -28,7 +29,12 @@ def save_weights(path: str | Path, model: nn.Module, *, class_names: list[str] |
             "class_names": json.dumps(names), "category_ids": json.dumps(ids)}
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+    except Exception as exc:  # disk full, permissions, ...: no half-written file stays behind
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"{path}: could not write the weights ({exc}); any earlier file there is "
+                      "unchanged") from exc
     os.replace(tmp, path)
     return path
 

@@ -100,6 +100,22 @@ def test_a_kill_while_writing_a_file_keeps_the_previous_checkpoint(tmp_path, mon
     assert load_checkpoint(tmp_path, model=fresh()[0])["iteration"] == 5
 
 
+def test_a_full_disk_is_a_clear_error_that_leaves_no_partial_folder(tmp_path, monkeypatch):
+    model, opt = trained()
+    save_checkpoint(tmp_path, model=model, optimizer=opt, iteration=5)
+
+    def disk_full(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\x00" * 10)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_file", disk_full)
+    with pytest.raises(CheckpointError, match=r"iteration 6 .*No space left.*iter_0000005, is unchanged"):
+        save_checkpoint(tmp_path, model=model, optimizer=opt, iteration=6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000005", "last"]
+    assert read_checkpoint_info(tmp_path)["iteration"] == 5
+
+
 def test_a_kill_before_the_pointer_moves_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     model, opt = trained()
     save_checkpoint(tmp_path, model=model, optimizer=opt, iteration=5)

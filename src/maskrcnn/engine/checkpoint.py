@@ -13,7 +13,8 @@ Layout of a checkpoint folder (``save_checkpoint`` writes one per call)::
 A folder is first written under a temporary name, every file and the folder are fsynced,
 then it is renamed into place, and only then is ``last`` replaced (write, fsync, rename).
 Each rename is atomic, so a kill leaves either the old or the new ``last`` pointing at a
-complete folder. Older folders are deleted only after ``last`` has moved on.
+complete folder. Older folders are deleted only after ``last`` has moved on. A write that
+fails (a full disk) removes its partial folder and leaves ``last`` as it was.
 """
 
 from __future__ import annotations
@@ -103,12 +104,19 @@ def save_checkpoint(directory: str | Path, *, model: nn.Module, optimizer: torch
     tmp = directory / f"{_TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     model_tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(model_tensors, str(tmp / MODEL_FILE), metadata=model_metadata)
-    save_file(tensors, str(tmp / STATE_FILE))
-    (tmp / META_FILE).write_text(meta_text)
-    for f in (MODEL_FILE, STATE_FILE, META_FILE):
-        _fsync(tmp / f)
-    _fsync(tmp)
+    try:
+        save_file(model_tensors, str(tmp / MODEL_FILE), metadata=model_metadata)
+        save_file(tensors, str(tmp / STATE_FILE))
+        (tmp / META_FILE).write_text(meta_text)
+        for f in (MODEL_FILE, STATE_FILE, META_FILE):
+            _fsync(tmp / f)
+        _fsync(tmp)
+    except Exception as exc:  # disk full, ...: drop the partial folder, keep the last checkpoint
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = _read_pointer(directory)
+        raise CheckpointError(f"{directory}: could not write the checkpoint of iteration {iteration} "
+                              f"({exc}); " + (f"the last complete one, {kept}, is unchanged"
+                                              if kept else "there is no earlier checkpoint")) from exc
     os.replace(tmp, directory / name)
     _write_pointer(directory, name)
     _prune(directory, keep)
