@@ -100,9 +100,9 @@ def small_tv_model(cfg):
         rpn_post_nms_top_n_train=cfg.rpn.post_nms_topk_train,
         rpn_batch_size_per_image=cfg.rpn.batch_size_per_image,
         box_batch_size_per_image=h.batch_size_per_image,
-        box_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2),
+        box_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], 7, h.pooler_sampling_ratio),
         box_head=TwoMLPHead(c * 49, h.box_fc_dim), box_predictor=FastRCNNPredictor(h.box_fc_dim, 4),
-        mask_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], 14, 2),
+        mask_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], 14, h.pooler_sampling_ratio),
         mask_head=MaskRCNNHeads(c, list(h.mask_conv_dims), 1),
         mask_predictor=MaskRCNNPredictor(h.mask_conv_dims[-1], h.mask_conv_dims[-1], 4))
 
