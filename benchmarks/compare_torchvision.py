@@ -29,7 +29,8 @@ from torchvision.ops import MultiScaleRoIAlign
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_roi_align import make_rois  # noqa: E402
 
-from maskrcnn.config import replace_nested, small_cpu_model  # noqa: E402
+from maskrcnn.config import SolverConfig, replace_nested, small_cpu_model  # noqa: E402
+from maskrcnn.engine.trainer import build_optimizer  # noqa: E402
 from maskrcnn.interop.torchvision import from_torchvision  # noqa: E402
 from maskrcnn.modeling.mask_rcnn import build_model  # noqa: E402
 from maskrcnn.ops import paste_masks, roi_align  # noqa: E402
@@ -127,7 +128,10 @@ def train_step(repeats: int, name: str, bf16: bool = False, **changes) -> None:
         for k, (x1, y1, x2, y2) in enumerate(boxes.int().tolist()):
             masks[k, y1:y2, x1:x2] = 1
         targets.append({"boxes": boxes, "labels": torch.randint(1, 4, (4,), generator=g), "masks": masks})
-    opts = [torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9) for m in (ours, tv)]
+    # The same SGD update, each as its library's training loop builds it: our trainer's
+    # optimizer (the fused kernel) and the plain one of torchvision's reference train.py.
+    opts = [build_optimizer(SolverConfig(base_lr=1e-4, momentum=0.9), [{"params": list(ours.parameters())}]),
+            torch.optim.SGD(tv.parameters(), lr=1e-4, momentum=0.9)]
 
     def step(model, opt):
         def run():

@@ -61,6 +61,30 @@ def test_numpy_and_python_generators_are_restored_too(tmp_path):
     assert (np.random.rand(4).tolist(), random.gauss(0, 1), random.random()) == expected
 
 
+def test_optimizer_state_gets_its_parameters_layout_back(tmp_path):
+    """A fused optimizer reads a parameter and its state as flat memory: a channels-last weight
+    with contiguous moments would be updated with another element's moments."""
+    x = torch.randn(2, 4, 6, 6)
+
+    def make():
+        torch.manual_seed(0)
+        conv = nn.Conv2d(4, 8, 3).to(memory_format=torch.channels_last)
+        return conv, torch.optim.AdamW(conv.parameters(), lr=0.1, fused=True)
+
+    def step(conv, opt):
+        conv(x).square().sum().backward()
+        opt.step(), opt.zero_grad()
+
+    model, opt = make()
+    step(model, opt)
+    save_checkpoint(tmp_path, model=model, optimizer=opt, iteration=1)
+    other, other_opt = make()
+    load_checkpoint(tmp_path, model=other, optimizer=other_opt)
+    assert other_opt.state[other.weight]["exp_avg"].stride() == other.weight.stride()
+    step(model, opt), step(other, other_opt)
+    assert torch.equal(model.weight, other.weight)
+
+
 def test_a_kill_while_renaming_the_folder_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     model, opt = trained()
     save_checkpoint(tmp_path, model=model, optimizer=opt, iteration=5)

@@ -204,6 +204,34 @@ def test_optimizer_choice():
         build_optimizer(SolverConfig(optimizer="adam"), groups)
 
 
+def test_the_optimizer_is_the_fused_kernel_with_the_plain_loop_as_fallback(monkeypatch):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
+    groups = [{"params": params[:2], "weight_decay": 0.1}, {"params": params[2:], "weight_decay": 0.0}]
+    solver = SolverConfig(optimizer="adamw", base_lr=0.01)
+    fused = build_optimizer(solver, groups)
+    assert fused.defaults["fused"] and all(g["fused"] for g in fused.param_groups)
+    loop = torch.optim.AdamW([dict(g, params=[p.detach().clone().requires_grad_() for p in g["params"]])
+                              for g in groups], lr=0.01, betas=(0.9, 0.999))
+    for _ in range(3):
+        for a, b in zip(params, [p for g in loop.param_groups for p in g["params"]]):
+            a.grad = b.grad = torch.ones_like(a)
+        fused.step(), loop.step()
+    for a, b in zip(params, [p for g in loop.param_groups for p in g["params"]]):
+        torch.testing.assert_close(a, b)  # the same update
+
+    real = torch.optim.AdamW
+
+    def without_fused_kernels(*args, fused=None, **kwargs):
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be on supported devices: ['cuda']")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", without_fused_kernels)
+    plain = build_optimizer(solver, groups)
+    assert not plain.defaults["fused"] and not any(g.get("fused") for g in plain.param_groups)
+
+
 def test_bf16_training_is_refused_without_bf16_instructions_and_resumes_exactly(shapes, tmp_path, monkeypatch):
     """bf16 keeps the weights channels-last while checkpoints are plain tensors: a killed and
     resumed bf16 run still logs and ends exactly as an uninterrupted one."""

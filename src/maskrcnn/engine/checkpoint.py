@@ -266,6 +266,13 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor]
     except ValueError as exc:
         raise CheckpointError(f"{folder}: optimizer state does not fit this model's parameters "
                               f"({exc})") from None
+    # Saved tensors are contiguous. A fused optimizer walks each parameter and its state as flat
+    # memory, so the state gets its parameter's layout back (channels-last in bf16 mode).
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for name, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, Tensor) and value.shape == p.shape and value.stride() != p.stride():
+                    optimizer.state[p][name] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
 def load_weights(path: str | Path) -> dict[str, Tensor]:
