@@ -72,7 +72,8 @@ class MaskRCNN(nn.Module):
 
         Weights and activations are then channels-last, the layout of oneDNN's bf16 kernels:
         in PyTorch's default layout every convolution reorders its weights and inputs, forward
-        and backward. Turning bf16 off restores the default layout of the float32 path."""
+        and backward. Turning bf16 off restores the default layout of the float32 path. Call it
+        before building an optimizer: a fused one expects its state in its parameters' layout."""
         if enabled:
             check_bf16(next(self.parameters()).device)
         self.bf16 = enabled
