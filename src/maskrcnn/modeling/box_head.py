@@ -22,7 +22,7 @@ class BoxHead(nn.Module):
             nn.init.zeros_(fc.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.relu(self.fc7(F.relu(self.fc6(x.flatten(1)))))
+        return F.relu(self.fc7(F.relu(self.fc6(x.flatten(1)), inplace=True)), inplace=True)
 
 
 class BoxPredictor(nn.Module):

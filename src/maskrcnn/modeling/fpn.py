@@ -29,7 +29,7 @@ class FPN(nn.Module):
         for i in range(len(features) - 2, -1, -1):
             lateral = self.lateral[i](features[i])
             # Size-based upsampling equals 2x when the input is padded to a multiple of 32.
-            top = lateral + F.interpolate(top, size=lateral.shape[-2:], mode="nearest")
+            top = lateral.add_(F.interpolate(top, size=lateral.shape[-2:], mode="nearest"))
             outputs.insert(0, self.output[i](top))
         outputs.append(F.max_pool2d(outputs[-1], kernel_size=1, stride=2))
         return outputs

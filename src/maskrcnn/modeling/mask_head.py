@@ -35,10 +35,17 @@ class MaskHead(nn.Module):
         nn.init.normal_(self.predictor.weight, std=0.001)
         nn.init.zeros_(self.predictor.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
+        """(R, C, S, S) -> logits (R, K, 2S, 2S); with ``labels`` (R,) in 1..K, only each
+        RoI's own class channel (R, 2S, 2S), which is all inference needs. Float32 under bf16."""
         for conv in self.convs:
-            x = F.relu(conv(x))
-        return self.predictor(F.relu(self.deconv(x))).float()  # float32 under bf16 too
+            x = F.relu(conv(x), inplace=True)
+        x = F.relu(self.deconv(x), inplace=True)
+        if labels is None:
+            return self.predictor(x).float()
+        w = self.predictor.weight[labels - 1].flatten(1)  # (R, C): the 1x1 conv's row per RoI
+        logits = torch.einsum("rchw,rc->rhw", x, w.to(x.dtype))
+        return (logits + self.predictor.bias[labels - 1][:, None, None]).float()
 
 
 def mask_targets(gt_masks, boxes: Tensor, matched: Tensor, size: int, mode: str) -> Tensor:
@@ -69,9 +76,3 @@ def mask_loss(mask_logits: Tensor, labels: Tensor, targets: Tensor) -> Tensor:
         return mask_logits.sum() * 0  # keeps the graph whole when a batch has no positives
     logits = mask_logits[torch.arange(labels.shape[0], device=labels.device), labels - 1]
     return F.binary_cross_entropy_with_logits(logits, targets)
-
-
-def mask_probabilities(mask_logits: Tensor, labels: Tensor) -> Tensor:
-    """Sigmoid of the predicted class's channel: (R, K, m, m) -> (R, m, m)."""
-    idx = torch.arange(labels.shape[0], device=labels.device)
-    return mask_logits[idx, labels - 1].sigmoid()

@@ -45,7 +45,8 @@ class MultiLevelRoIAlign(nn.Module):
         first = features[0]
         if len(features) == 1:
             return self._pool(first, rois, self.strides[0])
-        out = first.new_zeros((rois.shape[0], first.shape[1], self.output_size, self.output_size))
+        # every box gets exactly one level, so each row of ``out`` is written below
+        out = first.new_empty((rois.shape[0], first.shape[1], self.output_size, self.output_size))
         level = assign_levels(rois[:, 1:], self.levels[0], self.levels[-1]) - self.levels[0]
         for i, (feature, stride) in enumerate(zip(features, self.strides)):
             idx = torch.nonzero(level == i).squeeze(1)

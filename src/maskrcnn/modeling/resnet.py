@@ -72,7 +72,9 @@ class BasicBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        return self.relu(self.bn2(self.conv2(out)) + identity)
+        out = self.bn2(self.conv2(out))
+        out += identity  # in place: no backward needs the norm's output, and big maps stay put
+        return self.relu(out)
 
 
 class Bottleneck(nn.Module):
@@ -99,7 +101,9 @@ class Bottleneck(nn.Module):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        return self.relu(self.bn3(self.conv3(out)) + identity)
+        out = self.bn3(self.conv3(out))
+        out += identity  # in place: no backward needs the norm's output, and big maps stay put
+        return self.relu(out)
 
 
 def _shortcut(in_ch: int, out_ch: int, stride: int, norm: str, eps: float) -> nn.Module | None:

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from maskrcnn.modeling.box_head import box_losses, detect
-from maskrcnn.modeling.mask_head import mask_loss, mask_probabilities, mask_targets
+from maskrcnn.modeling.mask_head import mask_loss, mask_targets
 from maskrcnn.modeling.matcher import match, sample_balanced
 from maskrcnn.ops import box_iou, encode
 
@@ -114,8 +114,8 @@ class RoIHeads(nn.Module):
             results.append({"boxes": boxes, "scores": scores, "labels": labels})
         boxes = [r["boxes"] for r in results]
         if sum(len(b) for b in boxes):
-            mask_logits = self.mask_head(self._mask_features(features, boxes))
-            probs = mask_probabilities(mask_logits, torch.cat([r["labels"] for r in results]))
+            labels = torch.cat([r["labels"] for r in results])
+            probs = self.mask_head(self._mask_features(features, boxes), labels).sigmoid()
         else:
             size = 2 * (self.mask_pooler.output_size if self.res5 is None else 7)
             probs = x.new_zeros((0, size, size))

@@ -27,7 +27,7 @@ class RPNHead(nn.Module):
         """Levels (N, C, H_l, W_l) -> logits (N, sum H_l W_l A), deltas (N, sum H_l W_l A, 4)."""
         logits, deltas = [], []
         for x in features:
-            x = F.relu(self.conv(x))
+            x = F.relu(self.conv(x), inplace=True)
             n, _, h, w = x.shape
             logits.append(self.objectness(x).permute(0, 2, 3, 1).reshape(n, -1))
             d = self.deltas(x).view(n, -1, 4, h, w)  # (N, A, 4, H, W)

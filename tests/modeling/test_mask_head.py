@@ -1,0 +1,34 @@
+import pytest
+import torch
+
+from maskrcnn.modeling.mask_head import MaskHead, mask_loss
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_inference_with_labels_gives_each_rois_own_class_channel(channels_last):
+    torch.manual_seed(0)
+    head = MaskHead(16, (16, 16), num_classes=5).eval()
+    torch.nn.init.normal_(head.predictor.weight, std=0.1)
+    torch.nn.init.normal_(head.predictor.bias, std=0.1)
+    x = torch.randn(6, 16, 7, 7)
+    if channels_last:
+        head, x = head.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    labels = torch.tensor([1, 5, 3, 3, 2, 5])
+    with torch.no_grad():
+        full = head(x)  # (R, K, 14, 14)
+        own = head(x, labels)  # (R, 14, 14)
+    assert full.shape == (6, 5, 14, 14) and own.shape == (6, 14, 14)
+    torch.testing.assert_close(own, full[torch.arange(6), labels - 1], rtol=1e-5, atol=1e-5)
+
+
+def test_mask_loss_reaches_only_the_ground_truth_class_channel():
+    logits = torch.zeros(3, 4, 2, 2, requires_grad=True)
+    labels = torch.tensor([2, 4, 2])
+    targets = torch.ones(3, 2, 2)
+    loss = mask_loss(logits, labels, targets)
+    assert loss.item() == pytest.approx(torch.log(torch.tensor(2.0)).item())  # BCE of p=0.5 vs 1
+    loss.backward()
+    touched = logits.grad.abs().sum((2, 3)) > 0  # (R, K)
+    expected = torch.zeros(3, 4, dtype=torch.bool)
+    expected[torch.arange(3), labels - 1] = True
+    assert torch.equal(touched, expected)
