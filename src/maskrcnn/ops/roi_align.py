@@ -153,14 +153,20 @@ class _RoIAlign(torch.autograd.Function):
         x = _axis_taps(x1, x2 - x1, pw, w, sampling_ratio, aligned)
         k = rois.shape[0]
         fmt = torch.channels_last if _channels_last(input) else torch.contiguous_format
-        out = torch.empty((k, c, ph, pw), dtype=input.dtype, device=input.device, memory_format=fmt)
-        blocks, pieces = _channel_blocks(input), []
-        for k0, k1 in _chunks(y[0], x[0], h, w):
+        blocks, chunks, pieces = _channel_blocks(input), _chunks(y[0], x[0], h, w), []
+        single = fmt == torch.channels_last and len(chunks) == 1  # the whole output in one product
+        out = None if single else torch.empty((k, c, ph, pw), dtype=input.dtype,
+                                              device=input.device, memory_format=fmt)
+        for k0, k1 in chunks:
             s, s_t = _operator(rois, k0, k1, y, x, (n, h, w), needs_grad)
             pieces.append((k0, k1, s_t))
             for c0, c1 in blocks:
                 pooled = torch.sparse.mm(s, _as_rows(input[:, c0:c1], dtype))  # (rows, c1 - c0)
-                out[k0:k1, c0:c1] = pooled.view(k1 - k0, ph, pw, c1 - c0).permute(0, 3, 1, 2)
+                pooled = pooled.view(k1 - k0, ph, pw, c1 - c0).permute(0, 3, 1, 2)
+                if single:  # the product's rows are already the channels-last output's memory
+                    out = pooled.to(input.dtype)
+                else:
+                    out[k0:k1, c0:c1] = pooled
         ctx.pieces, ctx.input_shape, ctx.input_dtype, ctx.fmt = pieces, input.shape, input.dtype, fmt
         return out
 
