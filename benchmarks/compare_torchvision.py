@@ -10,6 +10,7 @@ torchvision in float32 (its default), and both under bf16 autocast.
 from __future__ import annotations
 
 import argparse
+import platform
 import statistics
 import subprocess
 import sys
@@ -199,6 +200,17 @@ def peak_memory() -> None:
     row("peak memory (VmHWM) of a process doing one inference", results["ours"], results["tv"], "MB")
 
 
+def cpu_name() -> str:
+    """The CPU's model name, and whether it has AMX tiles (bf16 matrix units)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                 if line.startswith("model name")), "unknown CPU")
+    return name + (" with AMX" if "amx_bf16" in info else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
@@ -208,8 +220,9 @@ def main() -> None:
     args = parser.parse_args()
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes]
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, {args.threads} threads, "
-          f"median of {args.repeats} alternating runs, CPU bf16 instructions: {'yes' if BF16 else 'no'}")
+    print(f"{cpu_name()}; torch {torch.__version__}, torchvision {torchvision.__version__}, "
+          f"{args.threads} threads, median of {args.repeats} alternating runs, "
+          f"CPU bf16 instructions: {'yes' if BF16 else 'no'}")
     print(f"{'measurement':58s} {'ours':>10s} {'torchvision':>10s} {'ratio':>8s}")
     roi_align_rows(args.repeats)
     paste_rows(args.repeats)
