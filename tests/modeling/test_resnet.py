@@ -61,3 +61,25 @@ def test_folding_norms_keeps_outputs():
     assert fold_norms(body) == 20
     for a, b in zip(body(x), expected):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stem_pools_before_its_relu_with_the_same_values_and_gradients(dtype):
+    # Half the BN scales negative and an integer-valued input: many windows whose maximum is
+    # <= 0, and ties, where the order of pooling and ReLU could show in the gradient.
+    body = ResNet(depth=18, norm="BN", freeze_at=0).to(dtype)
+    with torch.no_grad():
+        body.bn1.weight.copy_(torch.linspace(-1, 1, 64))
+        body.conv1.weight.copy_(torch.randint(-1, 2, body.conv1.weight.shape, dtype=dtype))
+    x = torch.randint(0, 3, (2, 3, 32, 48)).to(dtype)
+
+    def grads(stem):
+        body.zero_grad()
+        out = stem(x)
+        (out * torch.linspace(-1, 2, out.numel(), dtype=dtype).view_as(out)).sum().backward()
+        return out.detach(), body.conv1.weight.grad.clone(), body.bn1.weight.grad.clone()
+
+    ours = grads(lambda t: body(t)[0])
+    relu_first = grads(lambda t: body.layer1(body.maxpool(torch.relu(body.bn1(body.conv1(t))))))
+    for a, b in zip(ours, relu_first):
+        assert torch.equal(a, b)

@@ -171,7 +171,10 @@ class ResNet(nn.Module):
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """``x``: (N, 3, H, W) -> [C2 (N, c2, H/4, W/4), C3 (H/8), C4 (H/16), C5 (H/32)]."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        # ReLU after the max pool: it is monotone, so the values are those of pooling the ReLU's
+        # output, the gradients too (a window whose maximum is <= 0 passes none either way),
+        # and the ReLU runs on a quarter of the pixels.
+        x = self.relu(self.maxpool(self.bn1(self.conv1(x))))
         outputs = []
         for i in range(1, self.num_stages + 1):
             x = getattr(self, f"layer{i}")(x)

@@ -25,19 +25,20 @@ def _float_threshold(threshold: float, dtype: torch.dtype) -> float:
     return float(t)
 
 
-def _overlaps(boxes: np.ndarray, areas: np.ndarray, rows: np.ndarray, start: int,
+def _overlaps(coords: np.ndarray, areas: np.ndarray, rows: np.ndarray, start: int,
               threshold: float) -> np.ndarray:
     """Boolean (R, N - start): IoU of boxes ``rows`` with boxes ``start:`` exceeds threshold.
 
-    ``boxes`` (N, 4) and ``areas`` (N,) of one dtype. Each line's first operation allocates and
-    the rest work in place: the values of the plain expressions, with two temporaries, not twelve.
+    ``coords`` (4, N): the rows x1, y1, x2, y2, each contiguous, and ``areas`` (N,), all of one
+    dtype. Each line's first operation allocates and the rest work in place: the values of the
+    plain expressions, with two temporaries, not twelve.
     """
-    a, b = boxes[rows], boxes[start:]
-    w = np.minimum(a[:, 2, None], b[:, 2])
-    w -= np.maximum(a[:, 0, None], b[:, 0])
+    x1, y1, x2, y2 = coords
+    w = np.minimum(x2[rows, None], x2[start:])
+    w -= np.maximum(x1[rows, None], x1[start:])
     np.maximum(w, 0, out=w)
-    h = np.minimum(a[:, 3, None], b[:, 3])
-    h -= np.maximum(a[:, 1, None], b[:, 1])
+    h = np.minimum(y2[rows, None], y2[start:])
+    h -= np.maximum(y1[rows, None], y1[start:])
     np.maximum(h, 0, out=h)
     inter = np.multiply(w, h, out=w)
     union = np.add(areas[rows, None], areas[start:], out=h)
@@ -45,6 +46,11 @@ def _overlaps(boxes: np.ndarray, areas: np.ndarray, rows: np.ndarray, start: int
     with np.errstate(divide="ignore", invalid="ignore"):  # two empty boxes: 0 / 0 is no overlap
         iou = np.divide(inter, union, out=inter)
     return iou > threshold
+
+
+def _bits(flags: np.ndarray) -> int:
+    """A boolean vector as a Python integer, element i as bit i."""
+    return int.from_bytes(np.packbits(flags, bitorder="little").tobytes(), "little")
 
 
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
@@ -64,8 +70,8 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     threshold = _float_threshold(float(iou_threshold), ordered.dtype)
     # numpy's loops run on the calling thread; these blocks are too small to gain from torch's
     # thread pool and pay for waking it on every operation. GPU boxes come over once (N x 4).
-    ordered = ordered.cpu().numpy()
-    areas = (ordered[:, 2] - ordered[:, 0]) * (ordered[:, 3] - ordered[:, 1])
+    coords = np.ascontiguousarray(ordered.cpu().numpy().T)  # (4, N): unit-stride broadcasting
+    areas = (coords[2] - coords[0]) * (coords[3] - coords[1])
     suppressed = np.zeros(n, dtype=bool)
     keep = []
     for start in range(0, n, _BLOCK):
@@ -73,16 +79,18 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
         rows = np.flatnonzero(~suppressed[start:end]) + start
         if rows.size == 0:
             continue
-        over = _overlaps(ordered, areas, rows, start, threshold)
-        # the greedy pass is sequential only inside the block
-        block = suppressed[start:end].copy()
+        over = _overlaps(coords, areas, rows, start, threshold)
+        # The greedy pass is sequential only inside the block; there each row of overlaps is
+        # a Python integer, so visiting a box costs a bit test and an OR.
+        taken = _bits(suppressed[start:end])
+        masks = np.packbits(over[:, : end - start], axis=1, bitorder="little")
         kept_rows = []
         for r, i in enumerate(rows.tolist()):
-            if block[i - start]:
+            if taken >> (i - start) & 1:
                 continue
             kept_rows.append(r)
             keep.append(i)
-            block |= over[r, : end - start]
+            taken |= int.from_bytes(masks[r].tobytes(), "little")
         if end < n:
             suppressed[end:] |= over[kept_rows, end - start:].any(0)
     return order[torch.as_tensor(keep, dtype=torch.int64, device=boxes.device)]
