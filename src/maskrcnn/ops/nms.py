@@ -25,7 +25,7 @@ def _float_threshold(threshold: float, dtype: torch.dtype) -> float:
     return float(t)
 
 
-def _overlaps(coords: np.ndarray, areas: np.ndarray, rows: np.ndarray, start: int,
+def _overlaps(coords: Tensor, areas: Tensor, rows: np.ndarray, start: int,
               threshold: float) -> np.ndarray:
     """Boolean (R, N - start): IoU of boxes ``rows`` with boxes ``start:`` exceeds threshold.
 
@@ -33,24 +33,45 @@ def _overlaps(coords: np.ndarray, areas: np.ndarray, rows: np.ndarray, start: in
     dtype. Each line's first operation allocates and the rest work in place: the values of the
     plain expressions, with two temporaries, not twelve.
     """
-    x1, y1, x2, y2 = coords
-    w = np.minimum(x2[rows, None], x2[start:])
-    w -= np.maximum(x1[rows, None], x1[start:])
-    np.maximum(w, 0, out=w)
-    h = np.minimum(y2[rows, None], y2[start:])
-    h -= np.maximum(y1[rows, None], y1[start:])
-    np.maximum(h, 0, out=h)
-    inter = np.multiply(w, h, out=w)
-    union = np.add(areas[rows, None], areas[start:], out=h)
+    r = torch.from_numpy(rows)
+    x1, y1, x2, y2 = coords[:, r, None]
+    w = torch.minimum(x2, coords[2, start:])
+    w -= torch.maximum(x1, coords[0, start:])
+    w.clamp_(min=0)
+    h = torch.minimum(y2, coords[3, start:])
+    h -= torch.maximum(y1, coords[1, start:])
+    h.clamp_(min=0)
+    inter = w.mul_(h)
+    union = torch.add(areas[r, None], areas[start:], out=h)
     union -= inter
-    with np.errstate(divide="ignore", invalid="ignore"):  # two empty boxes: 0 / 0 is no overlap
-        iou = np.divide(inter, union, out=inter)
-    return iou > threshold
+    return (inter.div_(union) > threshold).numpy()  # two empty boxes: 0 / 0 is no overlap
 
 
 def _bits(flags: np.ndarray) -> int:
     """A boolean vector as a Python integer, element i as bit i."""
     return int.from_bytes(np.packbits(flags, bitorder="little").tobytes(), "little")
+
+
+def _greedy(over: np.ndarray, rows: np.ndarray, suppressed: np.ndarray) -> np.ndarray:
+    """The greedy pass inside one block of B boxes: boolean (B,), the boxes kept.
+
+    ``over`` (R, B): overlaps of the block's boxes ``rows`` (R,) (positions in the block, the
+    ones not ``suppressed`` (B,) by earlier blocks) with every box of the block.
+    Only a box that an earlier box of the block overlaps depends on the order of visiting: the
+    others are kept whatever happens, and what they suppress is one array operation. The rest
+    are visited in order, each row of overlaps a Python integer: a bit test and an OR per box.
+    """
+    over &= np.arange(over.shape[1]) > rows[:, None]  # only later boxes can be suppressed
+    contested = over.any(0) & ~suppressed
+    kept = ~suppressed & ~contested
+    taken = _bits(over[kept[rows]].any(0))  # suppressed by boxes that are certainly kept
+    for position in np.flatnonzero(contested).tolist():
+        if taken >> position & 1:
+            continue
+        kept[position] = True
+        row = np.searchsorted(rows, position)
+        taken |= _bits(over[row])
+    return kept
 
 
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
@@ -68,9 +89,8 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     if ordered.dtype not in (torch.float32, torch.float64):
         ordered = ordered.float()
     threshold = _float_threshold(float(iou_threshold), ordered.dtype)
-    # numpy's loops run on the calling thread; these blocks are too small to gain from torch's
-    # thread pool and pay for waking it on every operation. GPU boxes come over once (N x 4).
-    coords = np.ascontiguousarray(ordered.cpu().numpy().T)  # (4, N): unit-stride broadcasting
+    # GPU boxes come over once (N x 4); the bookkeeping is numpy's, on the calling thread
+    coords = ordered.cpu().t().contiguous()  # (4, N): unit-stride broadcasting
     areas = (coords[2] - coords[0]) * (coords[3] - coords[1])
     suppressed = np.zeros(n, dtype=bool)
     keep = []
@@ -80,19 +100,10 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
         if rows.size == 0:
             continue
         over = _overlaps(coords, areas, rows, start, threshold)
-        # The greedy pass is sequential only inside the block; there each row of overlaps is
-        # a Python integer, so visiting a box costs a bit test and an OR.
-        taken = _bits(suppressed[start:end])
-        masks = np.packbits(over[:, : end - start], axis=1, bitorder="little")
-        kept_rows = []
-        for r, i in enumerate(rows.tolist()):
-            if taken >> (i - start) & 1:
-                continue
-            kept_rows.append(r)
-            keep.append(i)
-            taken |= int.from_bytes(masks[r].tobytes(), "little")
+        kept = _greedy(over[:, : end - start], rows - start, suppressed[start:end])
+        keep.extend((np.flatnonzero(kept) + start).tolist())
         if end < n:
-            suppressed[end:] |= over[kept_rows, end - start:].any(0)
+            suppressed[end:] |= over[kept[rows - start], end - start:].any(0)
     return order[torch.as_tensor(keep, dtype=torch.int64, device=boxes.device)]
 
 
