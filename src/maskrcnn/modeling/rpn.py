@@ -35,24 +35,30 @@ class RPNHead(nn.Module):
         return torch.cat(logits, 1).float(), torch.cat(deltas, 1).float()  # float32 under bf16 too
 
 
-def select_proposals(boxes: Tensor, logits: Tensor, level_counts: list[int], image_hw: tuple[int, int],
-                     *, pre_nms_topk: int, post_nms_topk: int, nms_thresh: float, min_size: float
-                     ) -> tuple[Tensor, Tensor]:
-    """Proposals of one image from decoded anchors ``boxes`` (P, 4) and ``logits`` (P,).
-
-    Per level keep the top ``pre_nms_topk`` by logit; clip to the image; drop boxes with a side
-    below ``min_size``; NMS per level; keep the best ``post_nms_topk`` overall.
-    Returns boxes (R, 4) and objectness probabilities (R,), sorted by decreasing score.
-    """
-    keep, levels, start = [], [], 0
+def top_per_level(logits: Tensor, level_counts: list[int], k: int) -> tuple[Tensor, Tensor]:
+    """Indices (N, K) of each image's ``k`` highest ``logits`` (N, P) on every level (fewer where
+    a level has fewer anchors), and the level of each column (K,)."""
+    top, levels, start = [], [], 0
     for level, count in enumerate(level_counts):
-        top = logits[start:start + count].topk(min(pre_nms_topk, count)).indices + start
-        keep.append(top)
-        levels.append(torch.full_like(top, level))
+        n = min(k, count)
+        top.append(logits[:, start:start + count].topk(n, dim=1).indices + start)
+        levels.append(torch.full((n,), level, dtype=torch.int64, device=logits.device))
         start += count
-    keep, levels = torch.cat(keep), torch.cat(levels)
-    boxes = clip_boxes(boxes[keep], image_hw)
-    scores = torch.sigmoid(logits[keep])
+    return torch.cat(top, 1), torch.cat(levels)
+
+
+def select_proposals(boxes: Tensor, logits: Tensor, levels: Tensor, image_hw: tuple[int, int],
+                     *, post_nms_topk: int, nms_thresh: float, min_size: float
+                     ) -> tuple[Tensor, Tensor]:
+    """Proposals of one image from its per-level top candidates: ``boxes`` (K, 4), ``logits``
+    (K,) and ``levels`` (K,).
+
+    Clip to the image; drop boxes with a side below ``min_size``; NMS per level; keep the best
+    ``post_nms_topk`` overall. Returns boxes (R, 4) and objectness probabilities (R,), sorted by
+    decreasing score.
+    """
+    boxes = clip_boxes(boxes, image_hw)
+    scores = torch.sigmoid(logits)
     big = remove_small_boxes(boxes, min_size) if min_size > 0 else _non_empty(boxes)
     boxes, scores, levels = boxes[big], scores[big], levels[big]
     keep = batched_nms(boxes, scores, levels, nms_thresh)[:post_nms_topk]
@@ -79,12 +85,13 @@ def rpn_losses(logits: Tensor, deltas: Tensor, labels: Tensor, target_deltas: Te
                batch_size_per_image: int) -> dict[str, Tensor]:
     """Objectness BCE on sampled anchors and smooth-L1 (L1 when beta = 0) on sampled positives.
 
-    Inputs are flattened over the batch: logits (P,), deltas (P, 4), labels (P,),
-    target_deltas (P, 4), pos/neg (P,) bool. ``norm="torchvision"``: BCE mean over sampled,
-    box sum / #sampled. ``norm="detectron2"``: both sums / (batch_size_per_image * N).
+    Inputs are flattened over the batch: logits (P,), deltas (P, 4), labels (P,), pos/neg (P,)
+    bool, and target_deltas (#pos, 4) of the positives in order. ``norm="torchvision"``: BCE
+    mean over sampled, box sum / #sampled. ``norm="detectron2"``: both sums /
+    (batch_size_per_image * N).
     """
     sampled = pos | neg
-    box = F.smooth_l1_loss(deltas[pos], target_deltas[pos], beta=beta, reduction="sum")
+    box = F.smooth_l1_loss(deltas[pos], target_deltas, beta=beta, reduction="sum")
     if norm == "detectron2":
         denom = batch_size_per_image * num_images
         cls = F.binary_cross_entropy_with_logits(logits[sampled], labels[sampled], reduction="sum")
@@ -118,22 +125,28 @@ class RPN(nn.Module):
         anchors = torch.cat(level_anchors)
         counts = [a.shape[0] for a in level_anchors]
         mode = 0 if self.training else 1
+        n = len(image_sizes)
         proposals = []
         with torch.no_grad():  # proposals are constants for the second stage (SPEC §2.6)
-            boxes = decode(deltas.detach().reshape(-1, 4), anchors.repeat(len(image_sizes), 1),
-                           (1.0, 1.0, 1.0, 1.0)).view(len(image_sizes), -1, 4)
+            # only each level's top candidates are decoded: a box depends on its anchor alone
+            top, levels = top_per_level(logits.detach(), counts, self.pre_nms_topk[mode])
+            image = torch.arange(n, device=top.device)[:, None]
+            boxes = decode(deltas.detach()[image, top].reshape(-1, 4), anchors[top].reshape(-1, 4),
+                           (1.0, 1.0, 1.0, 1.0)).view(n, -1, 4)
+            top_logits = logits.detach()[image, top]
             for i, hw in enumerate(image_sizes):
                 proposals.append(select_proposals(
-                    boxes[i], logits[i].detach(), counts, hw, pre_nms_topk=self.pre_nms_topk[mode],
-                    post_nms_topk=self.post_nms_topk[mode], nms_thresh=self.nms_thresh,
-                    min_size=self.min_size)[0])
+                    boxes[i], top_logits[i], levels, hw, post_nms_topk=self.post_nms_topk[mode],
+                    nms_thresh=self.nms_thresh, min_size=self.min_size)[0])
         if gt_boxes is None:
             return proposals, {}
         labels, matched = zip(*(anchor_labels(anchors, g, self.fg_iou, self.bg_iou) for g in gt_boxes))
         pos, neg = sample_balanced(list(labels), self.batch_size_per_image, self.positive_fraction)
-        targets = torch.cat([encode(anchors, m, (1.0, 1.0, 1.0, 1.0)) for m in matched])
+        pos, neg = torch.cat(pos), torch.cat(neg)
+        # regression targets of the sampled positives only, the rest of the batch has none
+        targets = encode(anchors.repeat(n, 1)[pos], torch.cat(matched)[pos], (1.0, 1.0, 1.0, 1.0))
         losses = rpn_losses(logits.reshape(-1), deltas.reshape(-1, 4), torch.cat(labels), targets,
-                            pos=torch.cat(pos), neg=torch.cat(neg), beta=self.beta,
+                            pos=pos, neg=neg, beta=self.beta,
                             norm=self.loss_norm, num_images=len(image_sizes),
                             batch_size_per_image=self.batch_size_per_image)
         return proposals, losses
