@@ -32,3 +32,27 @@ def test_mask_loss_reaches_only_the_ground_truth_class_channel():
     expected = torch.zeros(3, 4, dtype=torch.bool)
     expected[torch.arange(3), labels - 1] = True
     assert torch.equal(touched, expected)
+
+
+def test_forward_and_gradients_equal_the_plain_layer_stack():
+    # the transposed conv's bias is added apart from the conv; the head must still be
+    # conv-ReLU ... deconv(+bias)-ReLU-1x1, gradients included
+    torch.manual_seed(0)
+    head = MaskHead(8, (8,), num_classes=3)
+    torch.nn.init.normal_(head.deconv.bias, std=0.5)
+    torch.nn.init.normal_(head.predictor.weight, std=0.3)
+    x = torch.randn(4, 8, 7, 7)
+    g = torch.randn(4, 3, 14, 14)
+
+    def plain(t):
+        t = torch.relu(head.convs[0](t))
+        return head.predictor(torch.relu(head.deconv(t)))
+
+    grads = []
+    for forward in (head, plain):
+        head.zero_grad()
+        out = forward(x)
+        (out * g).sum().backward()
+        grads.append((out.detach(), *(p.grad.clone() for p in head.parameters())))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -56,7 +56,7 @@ def _greedy(over: np.ndarray, rows: np.ndarray, suppressed: np.ndarray) -> np.nd
     """The greedy pass inside one block of B boxes: boolean (B,), the boxes kept.
 
     ``over`` (R, B): overlaps of the block's boxes ``rows`` (R,) (positions in the block, the
-    ones not ``suppressed`` (B,) by earlier blocks) with every box of the block.
+    ones not ``suppressed`` (B,) by earlier blocks) with every box of the block; changed in place.
     Only a box that an earlier box of the block overlaps depends on the order of visiting: the
     others are kept whatever happens, and what they suppress is one array operation. The rest
     are visited in order, each row of overlaps a Python integer: a bit test and an OR per box.
