@@ -147,6 +147,6 @@ class RPN(nn.Module):
         targets = encode(anchors.repeat(n, 1)[pos], torch.cat(matched)[pos], (1.0, 1.0, 1.0, 1.0))
         losses = rpn_losses(logits.reshape(-1), deltas.reshape(-1, 4), torch.cat(labels), targets,
                             pos=pos, neg=neg, beta=self.beta,
-                            norm=self.loss_norm, num_images=len(image_sizes),
+                            norm=self.loss_norm, num_images=n,
                             batch_size_per_image=self.batch_size_per_image)
         return proposals, losses
