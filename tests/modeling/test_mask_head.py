@@ -5,20 +5,23 @@ from maskrcnn.modeling.mask_head import MaskHead, mask_loss
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_inference_with_labels_gives_each_rois_own_class_channel(channels_last):
+@pytest.mark.parametrize("rois", [0, 6, 37])
+def test_inference_with_labels_gives_each_rois_own_class_channel(channels_last, rois):
+    """The inference path (deconv as a matrix product, own class row only, 16 RoIs at a time)
+    equals the training path's transposed conv and full predictor."""
     torch.manual_seed(0)
     head = MaskHead(16, (16, 16), num_classes=5).eval()
     torch.nn.init.normal_(head.predictor.weight, std=0.1)
     torch.nn.init.normal_(head.predictor.bias, std=0.1)
-    x = torch.randn(6, 16, 7, 7)
+    x = torch.randn(rois, 16, 7, 7)
     if channels_last:
         head, x = head.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    labels = torch.tensor([1, 5, 3, 3, 2, 5])
+    labels = torch.randint(1, 6, (rois,))
     with torch.no_grad():
         full = head(x)  # (R, K, 14, 14)
         own = head(x, labels)  # (R, 14, 14)
-    assert full.shape == (6, 5, 14, 14) and own.shape == (6, 14, 14)
-    torch.testing.assert_close(own, full[torch.arange(6), labels - 1], rtol=1e-5, atol=1e-5)
+    assert full.shape == (rois, 5, 14, 14) and own.shape == (rois, 14, 14)
+    torch.testing.assert_close(own, full[torch.arange(rois), labels - 1], rtol=1e-5, atol=1e-5)
 
 
 def test_mask_loss_reaches_only_the_ground_truth_class_channel():

@@ -27,9 +27,19 @@ class FPN(nn.Module):
         top = self.lateral[-1](features[-1])
         outputs = [self.output[-1](top)]
         for i in range(len(features) - 2, -1, -1):
-            lateral = self.lateral[i](features[i])
-            # Size-based upsampling equals 2x when the input is padded to a multiple of 32.
-            top = lateral.add_(F.interpolate(top, size=lateral.shape[-2:], mode="nearest"))
+            top = add_upsampled(self.lateral[i](features[i]), top)
             outputs.insert(0, self.output[i](top))
         outputs.append(F.max_pool2d(outputs[-1], kernel_size=1, stride=2))
         return outputs
+
+
+def add_upsampled(lateral: Tensor, top: Tensor) -> Tensor:
+    """``lateral`` (N, C, H, W) += ``top`` (N, C, h, w) upsampled to (H, W) by nearest neighbour,
+    in place. When H, W = 2h, 2w (an input padded to a multiple of 32), each top cell is added
+    to its 2x2 block through a broadcast view, without building the upsampled map."""
+    (h, w), (big_h, big_w) = top.shape[-2:], lateral.shape[-2:]
+    if (big_h, big_w) != (2 * h, 2 * w):
+        return lateral.add_(F.interpolate(top, size=(big_h, big_w), mode="nearest"))
+    blocks = lateral.unflatten(3, (w, 2)).unflatten(2, (h, 2))  # (N, C, h, 2, w, 2)
+    blocks.add_(top[:, :, :, None, :, None])
+    return lateral

@@ -40,14 +40,34 @@ class MaskHead(nn.Module):
         RoI's own class channel (R, 2S, 2S), which is all inference needs. Float32 under bf16."""
         for conv in self.convs:
             x = F.relu(conv(x), inplace=True)
+        if labels is not None:
+            return self._own_class_logits(x, labels)
         # The bias is added apart: PyTorch's CPU kernel takes longer over a transposed conv's
         # bias gradient than over the rest of its backward (4.3 against 1.5 ms for 16 RoIs in bf16).
         x = F.conv_transpose2d(x, self.deconv.weight, stride=2)
         x = F.relu(x.add_(self.deconv.bias.to(x.dtype)[:, None, None]), inplace=True)
-        if labels is None:
-            return self.predictor(x).float()
-        w = self.predictor.weight[labels - 1].flatten(1)  # (R, C): the 1x1 conv's row per RoI
-        logits = torch.einsum("rchw,rc->rhw", x, w.to(x.dtype))
+        return self.predictor(x).float()
+
+    def _own_class_logits(self, x: Tensor, labels: Tensor, step: int = 16) -> Tensor:
+        """(R, C, S, S), labels (R,) -> (R, 2S, 2S). A 2x2 stride-2 deconv's outputs do not
+        overlap, so for each input pixel it is a matrix product (C) @ (C, 2 2 D) giving the
+        pixel's 2x2 block; the 1x1 predictor then takes the RoI's own class row of D weights,
+        and the blocks are put in place on the one-channel result. ``step`` RoIs at a time, in
+        one reused buffer: twice as fast as the transposed conv on 100 RoIs."""
+        r, c, s, _ = x.shape
+        d = self.deconv.out_channels
+        w = self.deconv.weight.permute(0, 2, 3, 1).reshape(c, 4 * d).to(x.dtype)
+        bias = self.deconv.bias.to(x.dtype)
+        rows = self.predictor.weight[labels - 1].flatten(1).to(x.dtype)  # (R, D) 1x1 conv rows
+        pixels = x.permute(0, 2, 3, 1).reshape(r, s * s, c)
+        blocks = x.new_empty((min(r, step) * s * s, 4 * d))
+        out = x.new_empty((r, s * s * 4, 1))
+        for i in range(0, r, step):
+            j = min(r, i + step)
+            y = torch.mm(pixels[i:j].flatten(0, 1), w, out=blocks[:(j - i) * s * s])
+            y = F.relu(y.view(j - i, s * s * 4, d).add_(bias), inplace=True)
+            torch.bmm(y, rows[i:j, :, None], out=out[i:j])
+        logits = out.view(r, s, s, 2, 2).permute(0, 1, 3, 2, 4).reshape(r, 2 * s, 2 * s)
         return (logits + self.predictor.bias[labels - 1][:, None, None]).float()
 
 

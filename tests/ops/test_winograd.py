@@ -1,0 +1,75 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from maskrcnn.ops import winograd
+from maskrcnn.ops.winograd import WinogradConv2d, conv3x3, use_winograd, winograd_weights
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 16, 20), (3, 8, 14, 14), (2, 8, 9, 13), (1, 8, 1, 2),
+                                   (5, 8, 3, 6)])
+@pytest.mark.parametrize("chunk", [1, 3, 192])
+def test_conv3x3_equals_the_direct_convolution(shape, chunk, monkeypatch):
+    """Any size (partial last tiles, several images per chunk, chunks across rows), with and
+    without bias, to float32 rounding; output in channels-last memory."""
+    monkeypatch.setattr(winograd, "_TILES_PER_CHUNK", chunk)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(6, shape[1], 3, 3, generator=g)
+    bias = torch.randn(6, generator=g)
+    for b in (None, bias):
+        expected = F.conv2d(x.double(), weight.double(), None if b is None else b.double(), padding=1)
+        got = conv3x3(x, winograd_weights(weight), b)
+        assert got.shape == expected.shape
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(got.double(), expected, rtol=0, atol=2e-5 * expected.abs().max())
+
+
+def test_conv3x3_reads_contiguous_input_too():
+    x = torch.randn(2, 4, 7, 9)
+    weight = torch.randn(4, 4, 3, 3)
+    torch.testing.assert_close(conv3x3(x, winograd_weights(weight)), F.conv2d(x, weight, padding=1),
+                               rtol=0, atol=1e-4)
+
+
+def test_use_winograd_swaps_only_eligible_convs_and_keeps_the_state_dict():
+    model = nn.Sequential(nn.Conv2d(128, 128, 3, padding=1), nn.Conv2d(128, 128, 3, 2, 1),
+                          nn.Conv2d(128, 128, 1), nn.Conv2d(64, 64, 3, padding=1),
+                          nn.Conv2d(128, 128, 3, padding=1, bias=False))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert use_winograd(model) == 2
+    assert [type(m) is WinogradConv2d for m in model] == [True, False, False, False, True]
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_winograd_conv_runs_winograd_only_without_autograd(monkeypatch):
+    """Predicting on float32 CPU tensors takes the Winograd path; a backward pass, autocast and
+    other dtypes take the plain conv, so training through the module is unchanged."""
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    fast = WinogradConv2d.from_conv(conv)
+    calls = []
+    monkeypatch.setattr(winograd, "conv3x3", lambda *a: calls.append(1) or conv3x3(*a))
+    x = torch.randn(1, 8, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), conv(x), rtol=0, atol=1e-5)
+    assert len(calls) == 1
+    y = fast(x.requires_grad_())
+    y.sum().backward()
+    assert len(calls) == 1 and conv.weight.grad is not None
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fast(x).dtype == torch.bfloat16
+    with torch.no_grad():
+        fast.double()(x.double())
+    assert len(calls) == 1
+
+
+def test_transformed_weights_follow_in_place_weight_changes():
+    conv = WinogradConv2d.from_conv(nn.Conv2d(4, 4, 3, padding=1))
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        conv(x)
+        conv.weight.mul_(2)
+        torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1),
+                                   rtol=0, atol=1e-5)
