@@ -8,7 +8,8 @@ from maskrcnn.modeling.fpn import add_upsampled
 @pytest.mark.parametrize("top_size,size", [((5, 7), (10, 14)), ((5, 7), (9, 13)), ((4, 4), (4, 4))])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_add_upsampled_equals_nearest_interpolation_plus_add(top_size, size, channels_last):
-    """Values and both gradients equal the upsample-then-add it replaces, exactly 2x or not."""
+    """Predicting (the broadcast path) and training: values and both gradients equal the
+    upsample-then-add, exactly 2x or not."""
     g = torch.Generator().manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     lateral = torch.randn(2, 3, *size, generator=g).to(memory_format=fmt).requires_grad_()
@@ -16,6 +17,8 @@ def test_add_upsampled_equals_nearest_interpolation_plus_add(top_size, size, cha
     grad = torch.randn(2, 3, *size, generator=g)
 
     expected = lateral * 1 + F.interpolate(top, size=size, mode="nearest")
+    with torch.no_grad():
+        assert torch.equal(add_upsampled(lateral.detach().clone(), top.detach()), expected)
     got = add_upsampled(lateral * 1, top)
     assert torch.equal(got, expected)
     expected_grads = torch.autograd.grad(expected, (lateral, top), grad)

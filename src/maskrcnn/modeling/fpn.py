@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -35,10 +36,13 @@ class FPN(nn.Module):
 
 def add_upsampled(lateral: Tensor, top: Tensor) -> Tensor:
     """``lateral`` (N, C, H, W) += ``top`` (N, C, h, w) upsampled to (H, W) by nearest neighbour,
-    in place. When H, W = 2h, 2w (an input padded to a multiple of 32), each top cell is added
-    to its 2x2 block through a broadcast view, without building the upsampled map."""
+    in place. When predicting and H, W = 2h, 2w (an input padded to a multiple of 32), each top
+    cell is added to its 2x2 block through a broadcast view, without building the upsampled map
+    (4x faster at P2). With autograd the upsample's backward is the faster one (5% of a training
+    step measured), so training upsamples."""
     (h, w), (big_h, big_w) = top.shape[-2:], lateral.shape[-2:]
-    if (big_h, big_w) != (2 * h, 2 * w):
+    grad = torch.is_grad_enabled() and (lateral.requires_grad or top.requires_grad)
+    if grad or (big_h, big_w) != (2 * h, 2 * w):
         return lateral.add_(F.interpolate(top, size=(big_h, big_w), mode="nearest"))
     blocks = lateral.unflatten(3, (w, 2)).unflatten(2, (h, 2))  # (N, C, h, 2, w, 2)
     blocks.add_(top[:, :, :, None, :, None])
