@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from maskrcnn.modeling.resnet import FrozenBatchNorm2d, ResNet
+from maskrcnn.modeling.resnet import FrozenBatchNorm2d, ResNet, fold_norms, fuse_block_ends, residual_relu
 
 
 @pytest.mark.parametrize("depth,groups,width,channels", [
@@ -56,8 +56,6 @@ def test_folding_norms_keeps_outputs():
     body.eval()
     x = torch.randn(2, 3, 64, 96)
     expected = body(x)
-    from maskrcnn.modeling.resnet import fold_norms
-
     assert fold_norms(body) == 20
     for a, b in zip(body(x), expected):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
@@ -83,3 +81,43 @@ def test_stem_pools_before_its_relu_with_the_same_values_and_gradients(dtype):
     relu_first = grads(lambda t: body.layer1(body.maxpool(torch.relu(body.bn1(body.conv1(t))))))
     for a, b in zip(ours, relu_first):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_fused_block_ends_keep_the_outputs(depth):
+    """After fold_norms, the fused conv + sum + ReLU ends (one oneDNN call into the shortcut's
+    memory) give the plain path's stage outputs; they are taken only when predicting."""
+    torch.manual_seed(0)
+    net = ResNet(depth=depth, freeze_at=0).eval()
+    for m in net.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.2, 0.2), m.running_mean.uniform_(-0.1, 0.1)
+    fold_norms(net)
+    net = net.to(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, 64, 96).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = net(x)
+    blocks = sum(len(getattr(net, f"layer{i}")) for i in range(1, 5))
+    assert fuse_block_ends(net) == blocks
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        got = net(x)
+    fused_calls = sum(e.count for e in prof.key_averages() if "convolution_pointwise" in e.key)
+    assert fused_calls == blocks
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    x.requires_grad_()
+    net(x)[-1].sum().backward()  # autograd takes the plain ops
+    assert x.grad is not None
+
+
+def test_residual_relu_fused_writes_into_the_shortcut():
+    conv = torch.nn.Conv2d(8, 16, 1).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 8, 5, 7).contiguous(memory_format=torch.channels_last)
+    identity = torch.randn(2, 16, 5, 7).contiguous(memory_format=torch.channels_last)
+    expected = torch.relu(conv(x) + identity).detach()
+    with torch.no_grad():
+        got = residual_relu(conv, torch.nn.Identity(), x, identity.clone(), fused=False)
+        torch.testing.assert_close(got, expected)
+        got = residual_relu(conv, torch.nn.Identity(), x, identity, fused=True)
+    assert got.data_ptr() == identity.data_ptr()
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)

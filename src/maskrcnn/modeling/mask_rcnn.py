@@ -15,7 +15,7 @@ from maskrcnn.modeling.box_head import BoxHead, BoxPredictor
 from maskrcnn.modeling.fpn import FPN
 from maskrcnn.modeling.mask_head import MaskHead
 from maskrcnn.modeling.poolers import MultiLevelRoIAlign
-from maskrcnn.modeling.resnet import BLOCKS, ResNet, fold_norms, make_stage
+from maskrcnn.modeling.resnet import BLOCKS, ResNet, fold_norms, fuse_block_ends, make_stage
 from maskrcnn.modeling.roi_heads import RoIHeads
 from maskrcnn.modeling.rpn import RPN, RPNHead
 from maskrcnn.modeling.transform import postprocess, preprocess
@@ -62,8 +62,10 @@ class MaskRCNN(nn.Module):
         checkpoint."""
         self.eval()
         fold_norms(self.backbone.body)
+        fuse_block_ends(self.backbone.body)
         if self.roi_heads.res5 is not None:
             fold_norms(self.roi_heads.res5)
+            fuse_block_ends(self.roi_heads.res5)
         self.channels_last = True
         self.to(memory_format=torch.channels_last)
         use_winograd(self)

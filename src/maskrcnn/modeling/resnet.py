@@ -7,6 +7,7 @@ common ``conv1/bn1/layerN`` layout so ImageNet weights map onto them one to one.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -68,13 +69,12 @@ class BasicBlock(nn.Module):
         self.bn2 = make_norm(norm, out_ch, eps)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = _shortcut(in_ch, out_ch, stride, norm, eps)
+        self.fused_end = False  # set by ``fuse_block_ends``
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        out += identity  # in place: no backward needs the norm's output, and big maps stay put
-        return self.relu(out)
+        return residual_relu(self.conv2, self.bn2, out, identity, self.fused_end)
 
 
 class Bottleneck(nn.Module):
@@ -96,14 +96,52 @@ class Bottleneck(nn.Module):
         self.bn3 = make_norm(norm, out_ch, eps)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = _shortcut(in_ch, out_ch, stride, norm, eps)
+        self.fused_end = False  # set by ``fuse_block_ends``
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        out += identity  # in place: no backward needs the norm's output, and big maps stay put
-        return self.relu(out)
+        return residual_relu(self.conv3, self.bn3, out, identity, self.fused_end)
+
+
+def residual_relu(conv: nn.Module, norm: nn.Module, x: Tensor, identity: Tensor,
+                  fused: bool = False) -> Tensor:
+    """The end of a residual block: relu(norm(conv(x)) + identity), (N, C, H, W).
+
+    ``fused`` (inference only; see ``fuse_block_ends``): with the norm folded into a plain conv
+    and float32 channels-last CPU maps outside autograd, one oneDNN call does the conv with the
+    sum and the ReLU as post-ops, writing into ``identity``'s memory: no fresh output map and no
+    separate passes over it. Otherwise the plain ops, the sum in place on the conv's output (no
+    backward needs the norm's output, and big maps stay put)."""
+    if fused and _fusable(conv, norm, x, identity):
+        return torch.ops.mkldnn._convolution_pointwise_.binary(
+            identity, x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation,
+            conv.groups, "add", 1.0, "relu", [], None)
+    out = norm(conv(x))
+    out += identity
+    return F.relu(out, inplace=True)
+
+
+def _fusable(conv: nn.Module, norm: nn.Module, x: Tensor, identity: Tensor) -> bool:
+    channels_last = torch.channels_last
+    return (type(conv) is nn.Conv2d and conv.bias is not None and isinstance(norm, nn.Identity)
+            and torch.backends.mkldnn.is_available() and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu") and x.device.type == "cpu"
+            and x.dtype == identity.dtype == conv.weight.dtype == torch.float32
+            and x.is_contiguous(memory_format=channels_last)
+            and identity.is_contiguous(memory_format=channels_last)
+            and conv.weight.is_contiguous(memory_format=channels_last))
+
+
+def fuse_block_ends(module: nn.Module) -> int:
+    """Let every residual block in ``module`` end in one fused conv + sum + ReLU when predicting
+    (``residual_relu``). The block then writes its output over its shortcut's input, so only for
+    a model that only predicts, after ``fold_norms``. Returns the number of blocks."""
+    blocks = [m for m in module.modules() if isinstance(m, (BasicBlock, Bottleneck))]
+    for block in blocks:
+        block.fused_end = True
+    return len(blocks)
 
 
 def _shortcut(in_ch: int, out_ch: int, stride: int, norm: str, eps: float) -> nn.Module | None:
