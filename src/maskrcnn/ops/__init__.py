@@ -1,5 +1,6 @@
 """The operators Mask R-CNN is built from, written here: RoIAlign, RoIPool, NMS, box coding,
-box arithmetic and mask pasting."""
+box arithmetic and mask pasting; and, for CPU inference, 3x3 convolutions by Winograd's minimal
+filtering (``maskrcnn.ops.winograd``)."""
 
 from maskrcnn.ops.box_coder import decode, encode
 from maskrcnn.ops.boxes import box_area, box_iou, clip_boxes, remove_small_boxes
