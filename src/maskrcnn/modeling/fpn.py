@@ -38,8 +38,8 @@ def add_upsampled(lateral: Tensor, top: Tensor) -> Tensor:
     """``lateral`` (N, C, H, W) += ``top`` (N, C, h, w) upsampled to (H, W) by nearest neighbour,
     in place. When predicting and H, W = 2h, 2w (an input padded to a multiple of 32), each top
     cell is added to its 2x2 block through a broadcast view, without building the upsampled map
-    (4x faster at P2). With autograd the upsample's backward is the faster one (5% of a training
-    step measured), so training upsamples."""
+    (4x faster at P2). With autograd the upsample's backward is the faster one (the broadcast
+    made a training step 3-4% slower), so training upsamples."""
     (h, w), (big_h, big_w) = top.shape[-2:], lateral.shape[-2:]
     grad = torch.is_grad_enabled() and (lateral.requires_grad or top.requires_grad)
     if grad or (big_h, big_w) != (2 * h, 2 * w):

@@ -54,12 +54,12 @@ class MaskRCNN(nn.Module):
 
     def optimize_for_inference(self) -> "MaskRCNN":
         """The CPU fast path, for a model that will only predict from now on: fixed-statistics
-        norms are folded into the convs before them and every conv runs on channels-last
-        tensors, which the CPU convolution kernels (oneDNN) process faster; the 3x3 convs with
-        128 or more channels run by Winograd's F(4x4, 3x3) in float32 on the CPU (``ops.winograd``:
-        2.2x faster than oneDNN for the 256-channel P2 conv). Float rounding differs from the plain
-        path (about 1e-5 of each conv's output scale); the state dict no longer matches a training
-        checkpoint."""
+        norms are folded into the convs before them, every conv runs on channels-last tensors
+        (the layout of the CPU convolution kernels, oneDNN), each residual block ends in one
+        fused conv + sum + ReLU, and the 3x3 convs with 128 or more channels run by Winograd's
+        F(4x4, 3x3) in float32 on the CPU (``ops.winograd``: about twice as fast as oneDNN on
+        the 256-channel P2 conv). Float rounding differs from the plain path (about 1e-5 of each
+        Winograd conv's output scale); the state dict no longer matches a training checkpoint."""
         self.eval()
         fold_norms(self.backbone.body)
         fuse_block_ends(self.backbone.body)
