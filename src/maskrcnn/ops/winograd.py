@@ -117,7 +117,8 @@ def _parts(size: int) -> list[tuple[int, int, int]]:
 class WinogradConv2d(nn.Conv2d):
     """A 3x3, stride-1, padding-1 ``nn.Conv2d`` that runs as ``conv3x3`` when it is only
     predicting on the CPU in float32 (no autograd, no autocast); otherwise as the plain conv.
-    Same parameters and state dict as the conv it replaces."""
+    Same parameters and state dict as the conv it replaces. The transformed filters are computed
+    on first use and kept (4x the weights' memory) until the weights change."""
 
     @classmethod
     def eligible(cls, conv: nn.Module) -> bool:
