@@ -117,7 +117,7 @@ def train_step(repeats: int, name: str, bf16: bool = False, **changes) -> None:
                                                "rpn.anchor_round": True, **changes})
     torch.manual_seed(0)
     tv = small_tv_model(cfg).train()
-    ours = build_model(cfg).train()
+    ours = build_model(cfg).use_channels_last().train()  # as our trainer does on the CPU
     g = torch.Generator().manual_seed(0)
     images = [torch.rand(3, 240 + 16 * i, 320, generator=g) for i in range(4)]
     targets = []

@@ -150,6 +150,18 @@ def test_the_class_count_comes_from_the_data_and_categories_must_agree(shapes, t
         train(tiny_config(data, tmp_path / "b"), progress=False)
 
 
+def test_cpu_training_is_channels_last_and_saves_ordinary_weights(shapes, tmp_path):
+    """On the CPU the model trains in oneDNN's channels-last layout; the saved weights are the
+    same values."""
+    result = train(tiny_config(shapes, tmp_path / "run", val=False, max_iter=1), progress=False)
+    model = result["model"]
+    weight = model.backbone.body.layer1[0].conv1.weight
+    assert model.channels_last and not weight.is_contiguous()
+    assert weight.is_contiguous(memory_format=torch.channels_last)
+    saved = load_file(tmp_path / "run" / "model_final.safetensors")
+    assert torch.equal(saved["backbone.body.layer1.0.conv1.weight"], weight.detach())
+
+
 def test_a_fresh_start_in_a_used_folder_moves_the_old_checkpoints_aside(shapes, tmp_path):
     out = tmp_path / "run"
     train(tiny_config(shapes, out, val=False, max_iter=1), progress=False)

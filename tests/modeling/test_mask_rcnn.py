@@ -62,6 +62,39 @@ def test_train_mode_without_targets_says_what_to_do():
         model([torch.rand(3, 64, 64)])
 
 
+def test_channels_last_layout_changes_only_rounding_and_outlives_bf16(monkeypatch):
+    """use_channels_last puts weights and the backbone's input in channels-last memory with the
+    same losses to float rounding; bf16 is channels-last whatever it says, and turning bf16 off
+    goes back to the layout it chose."""
+    from maskrcnn import precision
+
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    torch.manual_seed(0)
+    model = build_model(small_cpu_model(num_classes=2))
+    image, target = sample()
+    layouts = []
+    model.backbone.register_forward_pre_hook(lambda _, args: layouts.append(
+        not args[0].is_contiguous() and args[0].is_contiguous(memory_format=torch.channels_last)))
+    weight = model.backbone.body.layer1[0].conv1.weight
+    features, losses = [], []
+    model.backbone.register_forward_hook(lambda _, args, out: features.append(out))
+    for channels_last in (False, True):
+        model.use_channels_last(channels_last)
+        torch.manual_seed(1)
+        losses.append(model([image], [target]))
+    assert layouts == [False, True] and not weight.is_contiguous()
+    for a, b in zip(*features):  # train-mode BN: batch statistics of one image
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    for name, value in losses[1].items():  # a proposal can flip on a rounding difference
+        torch.testing.assert_close(value, losses[0][name], rtol=0.01, atol=1e-5)
+    model.use_channels_last(False).use_bf16(True)
+    assert not weight.is_contiguous()
+    model.use_bf16(False)
+    assert weight.is_contiguous()
+    model.use_channels_last(True).use_bf16(True).use_bf16(False)
+    assert not weight.is_contiguous()
+
+
 def test_bf16_mode_trains_and_predicts_with_float32_outputs_close_to_float32(monkeypatch):
     from maskrcnn import precision
 

@@ -246,6 +246,8 @@ class _Trainer:
 
         s = self.config.solver
         self.model = build_model(self.config.model).to(self.device)
+        if self.device.type == "cpu":
+            self.model.use_channels_last()  # oneDNN's layout: no reorders around each conv
         try:
             self.model.use_bf16(s.bf16)
         except ValueError as e:
