@@ -78,8 +78,7 @@ class MaskRCNN(nn.Module):
         Call it before building an optimizer: a fused one expects its state in its parameters'
         layout. The bf16 mode is channels-last whatever this says."""
         self.channels_last = enabled
-        layout = enabled or self.bf16
-        self.to(memory_format=torch.channels_last if layout else torch.contiguous_format)
+        self.to(memory_format=torch.channels_last if enabled or self.bf16 else torch.contiguous_format)
         return self
 
     def use_bf16(self, enabled: bool = True) -> "MaskRCNN":
