@@ -11,11 +11,10 @@ relative to the output's largest magnitude.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from compare_torchvision import alternate  # warm-up, then alternating medians
 
 from maskrcnn.ops.winograd import conv3x3, winograd_weights
 
@@ -29,12 +28,6 @@ SHAPES = [
     ("mask head conv, 100 RoIs", 100, 256, 14, 14),
     ("res2 3x3 conv (64 ch: not swapped)", 1, 64, 200, 336),
 ]
-
-
-def once_ms(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
 
 
 def main() -> None:
@@ -58,12 +51,9 @@ def main() -> None:
             scale = ref.abs().max()
             errs = [((y.double() - ref).abs().max() / scale).item() for y in (direct, wino)]
             del direct, wino, ref
-            times = {"direct": [], "wino": []}
-            for _ in range(args.repeats):  # alternately, after the warm-up calls above
-                times["direct"].append(once_ms(lambda: F.conv2d(x, weight, bias, padding=1)))
-                times["wino"].append(once_ms(lambda: conv3x3(x, u, bias)))
-        a, b = statistics.median(times["direct"]), statistics.median(times["wino"])
-        print(f"{name:42s} {a:7.1f}ms {b:7.1f}ms {b / a:6.2f}x {errs[0]:11.1e} {errs[1]:9.1e}")
+            a, b = alternate(lambda: F.conv2d(x, weight, bias, padding=1), lambda: conv3x3(x, u, bias),
+                             args.repeats)
+        print(f"{name:42s} {a * 1e3:7.1f}ms {b * 1e3:7.1f}ms {b / a:6.2f}x {errs[0]:11.1e} {errs[1]:9.1e}")
 
 
 if __name__ == "__main__":
