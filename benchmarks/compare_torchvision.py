@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_roi_align import make_rois  # noqa: E402
 
 from maskrcnn.config import SolverConfig, replace_nested, small_cpu_model  # noqa: E402
-from maskrcnn.engine.trainer import build_optimizer  # noqa: E402
+from maskrcnn.engine.optimizer import build_optimizer, dense_layout  # noqa: E402
 from maskrcnn.interop.torchvision import from_torchvision  # noqa: E402
 from maskrcnn.modeling.mask_rcnn import build_model  # noqa: E402
 from maskrcnn.ops import paste_masks, roi_align  # noqa: E402
@@ -139,7 +139,8 @@ def train_step(repeats: int, name: str, bf16: bool = False, **changes) -> None:
             losses = model(images, [dict(t) for t in targets])
             opt.zero_grad()
             sum(losses.values()).backward()
-            opt.step()
+            with dense_layout(opt):  # as our trainer steps; nothing to do for torchvision's layout
+                opt.step()
         return run
 
     a, b = alternate(step(ours, opts[0]), step(tv, opts[1]), repeats)

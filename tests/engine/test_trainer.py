@@ -11,8 +11,7 @@ from safetensors.torch import load_file
 
 from maskrcnn.config import Config, ConfigError, DataConfig, SolverConfig, replace_nested, small_cpu_model
 from maskrcnn.engine.checkpoint import last_checkpoint, load_checkpoint, read_checkpoint_info
-from maskrcnn.engine.trainer import (TimeBudget, TrainingError, build_optimizer, check_finite, param_groups,
-                                    train)
+from maskrcnn.engine.trainer import TimeBudget, TrainingError, check_finite, train
 
 
 @pytest.fixture(scope="module")
@@ -193,55 +192,6 @@ def test_time_budget_respects_the_cap_and_time_spent_before_a_resume():
     budget = TimeBudget(100.0, start_iter=50, cap=10_000, spent=40.0, clock=lambda: now[0])
     now[0] += 60.0
     assert budget.update(50, 10_000) == 50
-
-
-def test_norm_parameters_get_no_weight_decay():
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GroupNorm(2, 4), torch.nn.BatchNorm2d(4),
-                                torch.nn.Linear(4, 2))
-    model[0].bias.requires_grad_(False)
-    decay, no_decay = param_groups(model, 1e-4)
-    assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0.0
-    assert {id(p) for p in decay["params"]} == {id(model[0].weight), id(model[3].weight), id(model[3].bias)}
-    assert len(no_decay["params"]) == 4
-
-
-def test_optimizer_choice():
-    groups = param_groups(torch.nn.Linear(2, 2), 1e-4)
-    sgd = build_optimizer(SolverConfig(base_lr=0.1, momentum=0.8), groups)
-    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.8
-    adamw = build_optimizer(SolverConfig(optimizer="adamw", base_lr=1e-3, momentum=0.85), groups)
-    assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["betas"] == (0.85, 0.999)
-    assert [g["weight_decay"] for g in adamw.param_groups] == [1e-4, 0.0]
-    with pytest.raises(ConfigError, match="solver.optimizer: unknown optimizer 'adam'"):
-        build_optimizer(SolverConfig(optimizer="adam"), groups)
-
-
-def test_the_optimizer_is_the_fused_kernel_with_the_plain_loop_as_fallback(monkeypatch):
-    torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
-    groups = [{"params": params[:2], "weight_decay": 0.1}, {"params": params[2:], "weight_decay": 0.0}]
-    solver = SolverConfig(optimizer="adamw", base_lr=0.01)
-    fused = build_optimizer(solver, groups)
-    assert fused.defaults["fused"] and all(g["fused"] for g in fused.param_groups)
-    loop = torch.optim.AdamW([dict(g, params=[p.detach().clone().requires_grad_() for p in g["params"]])
-                              for g in groups], lr=0.01, betas=(0.9, 0.999))
-    for _ in range(3):
-        for a, b in zip(params, [p for g in loop.param_groups for p in g["params"]]):
-            a.grad = b.grad = torch.ones_like(a)
-        fused.step(), loop.step()
-    for a, b in zip(params, [p for g in loop.param_groups for p in g["params"]]):
-        torch.testing.assert_close(a, b)  # the same update
-
-    real = torch.optim.AdamW
-
-    def without_fused_kernels(*args, fused=None, **kwargs):
-        if fused:
-            raise RuntimeError("`fused=True` requires all the params to be on supported devices: ['cuda']")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(torch.optim, "AdamW", without_fused_kernels)
-    plain = build_optimizer(solver, groups)
-    assert not plain.defaults["fused"] and not any(g.get("fused") for g in plain.param_groups)
 
 
 def test_bf16_training_is_refused_without_bf16_instructions_and_resumes_exactly(shapes, tmp_path, monkeypatch):
