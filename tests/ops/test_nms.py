@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -80,3 +81,46 @@ def test_cuda_tensors_give_the_cpu_result_on_the_device():
     assert torch.equal(keep.cpu(), nms(boxes, scores, 0.5))
     assert torch.equal(batched_nms(boxes.cuda(), scores.cuda(), idxs.cuda(), 0.5).cpu(),
                        batched_nms(boxes, scores, idxs, 0.5))
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.3, 0.5, 0.7, 0.95])
+def test_pairs_at_the_edge_of_the_overlap_bound(threshold):
+    """Box j inside box i and ending where i ends has IoU = (x overlap) / (width of i), the
+    bound that decides which pairs are examined: starts a few float32 steps either side of
+    ``x1_i + (1 - t) w_i``, at several coordinate magnitudes and widths."""
+    rows, scores = [], []
+    for k, (base, width) in enumerate([(0.0, 10.0), (1000.0, 0.37), (12345.678, 1000.0), (3.0, 1e-3)]):
+        edge = np.float32(base + (1 - threshold) * width)
+        for step in range(-3, 4):
+            start = edge
+            for _ in range(abs(step)):
+                start = np.nextafter(start, np.float32(np.inf if step > 0 else -np.inf))
+            y = 100.0 * (7 * k + step + 3)  # each pair on its own rows: pairs do not interact
+            rows += [[base, y, base + width, y + 5], [float(start), y, base + width, y + 5]]
+            scores += [0.9, 0.8] if step % 2 else [0.8, 0.9]
+    boxes, scores = torch.tensor(rows), torch.tensor(scores)
+    assert torch.equal(nms(boxes, scores, threshold), tv_ops.nms(boxes, scores, threshold))
+    # the same pairs 200 times over in one category each: batched_nms' per-category path
+    many = boxes.repeat(200, 1) + torch.arange(200.0).repeat_interleave(len(boxes))[:, None] * 5e4
+    idxs = torch.arange(len(many)) % 3
+    assert torch.equal(batched_nms(many, scores.repeat(200), idxs, threshold),
+                       tv_ops.batched_nms(many, scores.repeat(200), idxs, threshold))
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.9, 0.97])
+def test_crowds_where_every_box_overlaps_every_other(threshold):
+    # 1500 boxes within a few pixels of one another: more than a million pairs, examined in
+    # several runs, and long chains of boxes whose fate depends on the boxes before them
+    g = torch.Generator().manual_seed(11)
+    corner = torch.rand(1500, 2, generator=g) * 6
+    boxes = torch.cat([corner, corner + 100 + torch.rand(1500, 2, generator=g) * 6], 1)
+    scores = torch.rand(1500, generator=g)
+    assert torch.equal(nms(boxes, scores, threshold), tv_ops.nms(boxes, scores, threshold))
+    idxs = torch.randint(0, 2, (1500,), generator=g)
+    assert torch.equal(batched_nms(boxes, scores, idxs, threshold),
+                       tv_ops.batched_nms(boxes, scores, idxs, threshold))
+
+
+def test_negative_thresholds_are_refused():
+    with pytest.raises(ValueError, match="iou_threshold must be >= 0"):
+        nms(torch.zeros(2, 4), torch.zeros(2), -0.1)

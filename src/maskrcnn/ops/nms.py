@@ -4,6 +4,12 @@ already kept box overlaps it with IoU > threshold.
 The result is the same as torchvision's CPU kernel, index for index: scores are ordered by a
 stable descending sort (equal scores keep their input order), IoU is computed with the same
 operations in the boxes' dtype, and compared with the threshold as a double.
+
+How it is computed. Only boxes whose x ranges overlap can suppress each other, so the pairs
+come from a sweep over the boxes sorted by x1: each box meets the boxes that start before it
+ends. IoU is computed for those pairs only, and the greedy pass works on the pairs above the
+threshold: a box that no better box overlaps is kept whatever happens, and what it suppresses
+is one array operation; the rest are visited in order of their better box.
 """
 
 from __future__ import annotations
@@ -12,12 +18,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-_BLOCK = 256  # boxes decided together; their overlaps with all later boxes are one array op
+_PAIRS = 1 << 20  # candidate pairs examined at once: bounds memory when most boxes overlap
 
 
-def _float_threshold(threshold: float, dtype: torch.dtype) -> float:
+def _float_threshold(threshold: float, dtype: np.dtype) -> float:
     """The value t' in ``dtype`` for which ``iou > t'`` equals ``double(iou) > threshold``."""
-    if dtype == torch.float64:
+    if dtype == np.float64:
         return threshold
     t = np.float32(threshold)
     if float(t) > threshold:  # rounded up: the last float32 below it gives the same test
@@ -25,53 +31,99 @@ def _float_threshold(threshold: float, dtype: torch.dtype) -> float:
     return float(t)
 
 
-def _overlaps(coords: Tensor, areas: Tensor, rows: np.ndarray, start: int,
-              threshold: float) -> np.ndarray:
-    """Boolean (R, N - start): IoU of boxes ``rows`` with boxes ``start:`` exceeds threshold.
+def _sweep(x1: np.ndarray, x2: np.ndarray, groups: np.ndarray | None, threshold: float
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes sorted by (group, x1): positions (n,), and for each sorted position p the end of
+    the run of boxes q > p of its group that start close enough to p's start to overlap it
+    with IoU > ``threshold`` (n,).
 
-    ``coords`` (4, N): the rows x1, y1, x2, y2, each contiguous, and ``areas`` (N,), all of one
-    dtype. Each line's first operation allocates and the rest work in place: the values of the
-    plain expressions, with two temporaries, not twelve.
+    A box j that starts at or after box i overlaps it by at most ``x2_i - x1_j`` in x, and
+    IoU <= (x overlap) / (width of i), so IoU > t needs ``x1_j < x1_i + (1 - t) (x2_i - x1_i)``.
+    The bound here is looser by far more than float rounding can move an IoU (1e-5 of t, and
+    1e-9 of the coordinates), so no pair above the threshold is missed.
     """
-    r = torch.from_numpy(rows)
-    x1, y1, x2, y2 = coords[:, r, None]
-    w = torch.minimum(x2, coords[2, start:])
-    w -= torch.maximum(x1, coords[0, start:])
-    w.clamp_(min=0)
-    h = torch.minimum(y2, coords[3, start:])
-    h -= torch.maximum(y1, coords[1, start:])
-    h.clamp_(min=0)
-    inter = w.mul_(h)
-    union = torch.add(areas[r, None], areas[start:], out=h)
-    union -= inter
-    return (inter.div_(union) > threshold).numpy()  # two empty boxes: 0 / 0 is no overlap
+    x1d, x2d = x1.astype(np.float64), x2.astype(np.float64)
+    reach = x1d + (1.0 - threshold * (1 - 1e-5)) * (x2d - x1d) + 1e-9 * (np.abs(x1d) + np.abs(x2d))
+    by_x = np.argsort(x1, kind="stable") if groups is None else np.lexsort((x1, groups))
+    xs, reach = x1[by_x], reach[by_x]
+    if groups is None:
+        return by_x, np.searchsorted(xs, reach, side="right")
+    ends = np.empty(len(by_x), dtype=np.int64)
+    bounds = np.flatnonzero(np.diff(groups[by_x])) + 1
+    for s, e in zip(np.r_[0, bounds], np.r_[bounds, len(by_x)]):
+        ends[s:e] = s + np.searchsorted(xs[s:e], reach[s:e], side="right")
+    return by_x, ends
 
 
-def _bits(flags: np.ndarray) -> int:
-    """A boolean vector as a Python integer, element i as bit i."""
-    return int.from_bytes(np.packbits(flags, bitorder="little").tobytes(), "little")
+def _overlapping_pairs(coords: np.ndarray, groups: np.ndarray | None, threshold: float
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (i, j), i < j, of boxes (rows of ``coords`` (n, 4), in score order) of one group
+    whose IoU exceeds ``threshold``, computed as the reference kernel does."""
+    x1, y1, x2, y2 = coords.T
+    areas = (x2 - x1) * (y2 - y1)
+    by_x, ends = _sweep(x1, x2, groups, threshold)
+    n = len(by_x)
+    counts = np.maximum(ends - np.arange(1, n + 1), 0)
+    total = np.cumsum(counts)
+    firsts, seconds = [], []
+    start = 0
+    while start < n:  # runs of sources with up to _PAIRS pairs (at least one source)
+        stop = max(int(np.searchsorted(total, (total[start - 1] if start else 0) + _PAIRS, "right")),
+                   start + 1)
+        c = counts[start:stop]
+        src = np.repeat(np.arange(start, stop), c)
+        step = np.arange(len(src)) - np.repeat(np.cumsum(c) - c, c)
+        a, b = by_x[src], by_x[src + 1 + step]
+        i, j = np.minimum(a, b), np.maximum(a, b)
+        w = np.minimum(x2[i], x2[j]) - np.maximum(x1[i], x1[j])
+        h = np.minimum(y2[i], y2[j]) - np.maximum(y1[i], y1[j])
+        inter = np.maximum(w, 0) * np.maximum(h, 0)
+        with np.errstate(invalid="ignore", divide="ignore"):  # two empty boxes: 0 / 0, no overlap
+            hit = inter / (areas[i] + areas[j] - inter) > threshold
+        firsts.append(i[hit])
+        seconds.append(j[hit])
+        start = stop
+    if not firsts:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+    return np.concatenate(firsts), np.concatenate(seconds)
 
 
-def _greedy(over: np.ndarray, rows: np.ndarray, suppressed: np.ndarray) -> np.ndarray:
-    """The greedy pass inside one block of B boxes: boolean (B,), the boxes kept.
+def _greedy(n: int, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Positions (K,) kept by the greedy pass over n boxes in score order, given the pairs
+    ``first`` < ``second`` (E,) that overlap above the threshold."""
+    contested = np.zeros(n, dtype=bool)
+    contested[second] = True  # a better box overlaps these
+    certain = ~contested[first]  # pairs whose better box is kept whatever happens
+    suppressed = np.zeros(n, dtype=bool)
+    suppressed[second[certain]] = True
+    rest = ~certain & ~suppressed[first]
+    if rest.any():  # the others in order of their better box, whose fate is known by then
+        order = np.argsort(first[rest], kind="stable")
+        flags = bytearray(suppressed.tobytes())
+        for i, j in zip(first[rest][order].tolist(), second[rest][order].tolist()):
+            if not flags[i]:
+                flags[j] = 1
+        suppressed = np.frombuffer(bytes(flags), dtype=bool)
+    return np.flatnonzero(~suppressed)
 
-    ``over`` (R, B): overlaps of the block's boxes ``rows`` (R,) (positions in the block, the
-    ones not ``suppressed`` (B,) by earlier blocks) with every box of the block; changed in place.
-    Only a box that an earlier box of the block overlaps depends on the order of visiting: the
-    others are kept whatever happens, and what they suppress is one array operation. The rest
-    are visited in order, each row of overlaps a Python integer: a bit test and an OR per box.
-    """
-    over &= np.arange(over.shape[1]) > rows[:, None]  # only later boxes can be suppressed
-    contested = over.any(0) & ~suppressed
-    kept = ~suppressed & ~contested
-    taken = _bits(over[kept[rows]].any(0))  # suppressed by boxes that are certainly kept
-    for position in np.flatnonzero(contested).tolist():
-        if taken >> position & 1:
-            continue
-        kept[position] = True
-        row = np.searchsorted(rows, position)
-        taken |= _bits(over[row])
-    return kept
+
+def _nms(boxes: Tensor, scores: Tensor, groups: Tensor | None, iou_threshold: float) -> Tensor:
+    """Kept indices (K,) by decreasing score; boxes suppress only boxes of their own group."""
+    if iou_threshold < 0:
+        raise ValueError(f"iou_threshold must be >= 0 (IoU is never negative), got {iou_threshold}")
+    n = boxes.shape[0]
+    if n == 0:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    order = scores.sort(stable=True, descending=True).indices
+    ordered = boxes.detach()[order]
+    if ordered.dtype not in (torch.float32, torch.float64):
+        ordered = ordered.float()
+    # GPU boxes come over once (N x 4); the bookkeeping is numpy's, on the calling thread
+    coords = ordered.cpu().numpy()
+    g = None if groups is None else groups[order].cpu().numpy()
+    first, second = _overlapping_pairs(coords, g, _float_threshold(float(iou_threshold), coords.dtype))
+    keep = _greedy(n, first, second)
+    return order[torch.from_numpy(keep).to(boxes.device)]
 
 
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
@@ -81,37 +133,14 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     ...     torch.tensor([0.9, 0.8, 0.7]), 0.5)
     tensor([0, 2])
     """
-    n = boxes.shape[0]
-    if n == 0:
-        return torch.empty(0, dtype=torch.int64, device=boxes.device)
-    order = scores.sort(stable=True, descending=True).indices
-    ordered = boxes.detach()[order]
-    if ordered.dtype not in (torch.float32, torch.float64):
-        ordered = ordered.float()
-    threshold = _float_threshold(float(iou_threshold), ordered.dtype)
-    # GPU boxes come over once (N x 4); the bookkeeping is numpy's, on the calling thread
-    coords = ordered.cpu().t().contiguous()  # (4, N): unit-stride broadcasting
-    areas = (coords[2] - coords[0]) * (coords[3] - coords[1])
-    suppressed = np.zeros(n, dtype=bool)
-    keep = []
-    for start in range(0, n, _BLOCK):
-        end = min(start + _BLOCK, n)
-        rows = np.flatnonzero(~suppressed[start:end]) + start
-        if rows.size == 0:
-            continue
-        over = _overlaps(coords, areas, rows, start, threshold)
-        kept = _greedy(over[:, : end - start], rows - start, suppressed[start:end])
-        keep.extend((np.flatnonzero(kept) + start).tolist())
-        if end < n:
-            suppressed[end:] |= over[kept[rows - start], end - start:].any(0)
-    return order[torch.as_tensor(keep, dtype=torch.int64, device=boxes.device)]
+    return _nms(boxes, scores, None, iou_threshold)
 
 
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
     """NMS within each category of ``idxs`` (N,); kept indices (K,) by decreasing score.
 
     Like torchvision, small inputs move each category to its own coordinate range and run one
-    NMS, large ones run one NMS per category. The two differ in rounding at IoUs next to the
+    NMS, large ones run NMS per category. The two differ in rounding at IoUs next to the
     threshold, so the same switch point is used to keep the same boxes.
 
     >>> batched_nms(torch.tensor([[0., 0., 10., 10.], [1., 1., 10., 10.]]),
@@ -124,8 +153,6 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
         offsets = idxs.to(boxes) * (boxes.max() + torch.tensor(1).to(boxes))
         return nms(boxes + offsets[:, None], scores, iou_threshold)
     keep_mask = torch.zeros_like(scores, dtype=torch.bool)
-    for category in torch.unique(idxs):
-        members = torch.nonzero(idxs == category).squeeze(1)
-        keep_mask[members[nms(boxes[members], scores[members], iou_threshold)]] = True
+    keep_mask[_nms(boxes, scores, idxs, iou_threshold)] = True
     keep = torch.nonzero(keep_mask).squeeze(1)
     return keep[scores[keep].sort(descending=True)[1]]
