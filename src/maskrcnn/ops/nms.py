@@ -5,9 +5,9 @@ The result is the same as torchvision's CPU kernel, index for index: scores are 
 stable descending sort (equal scores keep their input order), IoU is computed with the same
 operations in the boxes' dtype, and compared with the threshold as a double.
 
-How it is computed. Only boxes whose x ranges overlap can suppress each other, so the pairs
-come from a sweep over the boxes sorted by x1: each box meets the boxes that start before it
-ends. IoU is computed for those pairs only, and the greedy pass works on the pairs above the
+How it is computed. Two boxes reach IoU > t only if one starts within (1 - t) of the other's
+width from the other's start, so the candidate pairs come from a sweep over the boxes sorted by
+x1, and IoU is computed for those pairs only. The greedy pass works on the pairs above the
 threshold: a box that no better box overlaps is kept whatever happens, and what it suppresses
 is one array operation; the rest are visited in order of their better box.
 """
@@ -98,9 +98,10 @@ def _greedy(n: int, first: np.ndarray, second: np.ndarray) -> np.ndarray:
     suppressed[second[certain]] = True
     rest = ~certain & ~suppressed[first]
     if rest.any():  # the others in order of their better box, whose fate is known by then
-        order = np.argsort(first[rest], kind="stable")
+        first, second = first[rest], second[rest]
+        order = np.argsort(first, kind="stable")
         flags = bytearray(suppressed.tobytes())
-        for i, j in zip(first[rest][order].tolist(), second[rest][order].tolist()):
+        for i, j in zip(first[order].tolist(), second[order].tolist()):
             if not flags[i]:
                 flags[j] = 1
         suppressed = np.frombuffer(bytes(flags), dtype=bool)
