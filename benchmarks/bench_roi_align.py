@@ -9,12 +9,9 @@ ratio ours / torchvision (below 1 means ours is faster).
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
-
 import torch
 import torchvision.ops
+from common import alternate, parser
 
 from maskrcnn.ops import roi_align
 
@@ -43,17 +40,8 @@ def step(op, feature, rois, grad, out, scale, ratio, aligned, backward):
     return run
 
 
-def seconds(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=7)
-    args = parser.parse_args()
+    args = parser(__doc__, repeats=7).parse_args()
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, {args.threads} threads, "
@@ -66,12 +54,7 @@ def main() -> None:
         for label, backward in (("fwd", False), ("fwd+bwd", True)):
             ours_fn = step(roi_align, feature, rois, grad, out, scale, ratio, aligned, backward)
             tv_fn = step(torchvision.ops.roi_align, feature, rois, grad, out, scale, ratio, aligned, backward)
-            ours_fn(), tv_fn()  # warm up
-            ours, tv = [], []
-            for _ in range(args.repeats):
-                ours.append(seconds(ours_fn))
-                tv.append(seconds(tv_fn))
-            a, b = statistics.median(ours), statistics.median(tv)
+            a, b = alternate(ours_fn, tv_fn, args.repeats)
             print(f"{name:42s} {label:8s} {a * 1e3:9.1f} {b * 1e3:9.1f} {a / b:7.2f}x")
 
 

@@ -10,11 +10,9 @@ relative to the output's largest magnitude.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
-from compare_torchvision import alternate  # warm-up, then alternating medians
+from common import alternate, parser
 
 from maskrcnn.ops.winograd import conv3x3, winograd_weights
 
@@ -31,10 +29,7 @@ SHAPES = [
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    args = parser(__doc__, repeats=5).parse_args()
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     print(f"torch {torch.__version__}, {args.threads} threads, median of {args.repeats}")

@@ -9,12 +9,9 @@ torchvision in float32 (its default), and both under bf16 autocast.
 
 from __future__ import annotations
 
-import argparse
 import platform
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,6 +26,7 @@ from torchvision.ops import MultiScaleRoIAlign
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_roi_align import make_rois  # noqa: E402
+from common import alternate, parser  # noqa: E402
 
 from maskrcnn.config import SolverConfig, replace_nested, small_cpu_model  # noqa: E402
 from maskrcnn.engine.optimizer import build_optimizer, dense_layout  # noqa: E402
@@ -38,17 +36,6 @@ from maskrcnn.ops import paste_masks, roi_align  # noqa: E402
 from maskrcnn.precision import bf16_autocast, cpu_has_bf16  # noqa: E402
 
 BF16 = cpu_has_bf16()
-
-
-def alternate(ours, theirs, repeats: int) -> tuple[float, float]:
-    ours(), theirs()  # warm up both
-    a, b = [], []
-    for _ in range(repeats):
-        for fn, store in ((ours, a), (theirs, b)):
-            t0 = time.perf_counter()
-            fn()
-            store.append(time.perf_counter() - t0)
-    return statistics.median(a), statistics.median(b)
 
 
 def row(name: str, a: float, b: float, unit: str = "s") -> None:
@@ -213,12 +200,10 @@ def cpu_name() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--sizes", nargs="+", default=["800x1333"], metavar="HxW",
-                        help="input sizes of the inference rows (both models resize to 800 / 1333)")
-    args = parser.parse_args()
+    cli = parser(__doc__, repeats=3)
+    cli.add_argument("--sizes", nargs="+", default=["800x1333"], metavar="HxW",
+                     help="input sizes of the inference rows (both models resize to 800 / 1333)")
+    args = cli.parse_args()
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes]
     torch.set_num_threads(args.threads)
     print(f"{cpu_name()}; torch {torch.__version__}, torchvision {torchvision.__version__}, "
