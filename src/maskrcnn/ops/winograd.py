@@ -29,7 +29,9 @@ _BT = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
 _G = [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
       [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]]
 _AT = [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]
-_TILES_PER_CHUNK = 192  # 2 cores, 256-channel P2 conv: 114 ms; 121 ms at 96 tiles, 124 at 384
+# 2 Xeon cores, 256-channel P2 conv, earlier (36, tiles x C) layout: 114 ms; 121 at 96 tiles, 124
+# at 384. 2 EPYC cores, tile-major: no other size faster on every conv (96, 384, 768 tried).
+_TILES_PER_CHUNK = 192
 
 
 def _matrix(rows) -> Tensor:
@@ -60,7 +62,6 @@ def conv3x3(x: Tensor, u: Tensor, bias: Tensor | None = None) -> Tensor:
     n, c, h, w = x.shape
     co = u.shape[2]
     th, tw = -(-h // 4), -(-w // 4)  # tiles down and across; the last ones may overhang
-    kb, ka = _transforms(x)
     nhwc = x.permute(0, 2, 3, 1)
     out = x.new_empty((n, h, w, co))
 
@@ -73,7 +74,7 @@ def conv3x3(x: Tensor, u: Tensor, bias: Tensor | None = None) -> Tensor:
     v = torch.empty_like(d)
     m = x.new_empty((36, tiles, co))
     y = x.new_empty((tiles, 16, co))
-    kb, ka = kb.expand(tiles, 36, 36), ka.expand(tiles, 16, 36)
+    kb, ka = (t.expand(tiles, *t.shape) for t in _transforms(x))  # one per tile, no copies
     for i0 in range(0, n, imgs):
         i1 = min(n, i0 + imgs)
         for r0 in range(0, th, rows):
