@@ -45,8 +45,12 @@ class MultiLevelRoIAlign(nn.Module):
         first = features[0]
         if len(features) == 1:
             return self._pool(first, rois, self.strides[0])
-        # every box gets exactly one level, so each row of ``out`` is written below
-        out = first.new_empty((rois.shape[0], first.shape[1], self.output_size, self.output_size))
+        # every box gets exactly one level, so each row of ``out`` is written below; in the maps'
+        # memory format, so that channels-last rows are copied whole rather than transposed
+        cl = first.is_contiguous(memory_format=torch.channels_last)
+        out = torch.empty((rois.shape[0], first.shape[1], self.output_size, self.output_size),
+                          dtype=first.dtype, device=first.device,
+                          memory_format=torch.channels_last if cl else torch.contiguous_format)
         level = assign_levels(rois[:, 1:], self.levels[0], self.levels[-1]) - self.levels[0]
         for i, (feature, stride) in enumerate(zip(features, self.strides)):
             idx = torch.nonzero(level == i).squeeze(1)
