@@ -12,10 +12,10 @@ from maskrcnn.ops import batched_nms, clip_boxes, decode, remove_small_boxes
 class BoxHead(nn.Module):
     """(R, C, S, S) pooled features -> FC -> ReLU -> FC -> ReLU -> (R, fc_dim).
 
-    Predicting on channels-last features (the CPU fast path), fc6 runs as the S x S
+    Predicting on channels-last features on the CPU (the fast path), fc6 runs as the S x S
     convolution with the same weights, which oneDNN does on the channels-last rows as they are:
     1000 RoIs of 256 x 7 x 7 on two EPYC cores, 133 ms against 144 ms for the matrix product on
-    the flattened features, which would first need them copied to (C, S, S) order. The
+    features already in (C, S, S) order, and 162 ms with the copy into that order first. The
     convolution's kernel is a channels-last copy of fc6's weights, made on first use and kept
     until they change.
     """
@@ -31,8 +31,8 @@ class BoxHead(nn.Module):
         self._kernel = (None, None)
 
     def forward(self, x: Tensor) -> Tensor:
-        if (x.dim() == 4 and not torch.is_grad_enabled() and not x.is_contiguous()
-                and x.is_contiguous(memory_format=torch.channels_last)):
+        if (x.device.type == "cpu" and x.dim() == 4 and not torch.is_grad_enabled()
+                and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)):
             x = F.conv2d(x, self._fc6_kernel(x.shape[1:]), self.fc6.bias).flatten(1)
         else:
             x = self.fc6(x.flatten(1))
