@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maskrcnn.ops import batched_nms, clip_boxes, decode, remove_small_boxes
+from maskrcnn.ops.weight_cache import WeightCache
 
 
 class BoxHead(nn.Module):
@@ -28,24 +29,21 @@ class BoxHead(nn.Module):
         for fc in (self.fc6, self.fc7):
             nn.init.kaiming_uniform_(fc.weight, a=1)
             nn.init.zeros_(fc.bias)
-        self._kernel = (None, None)
+        self._fc6_kernel = WeightCache(_as_kernel)
 
     def forward(self, x: Tensor) -> Tensor:
         if (x.device.type == "cpu" and x.dim() == 4 and not torch.is_grad_enabled()
                 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)):
-            x = F.conv2d(x, self._fc6_kernel(x.shape[1:]), self.fc6.bias).flatten(1)
+            kernel = self._fc6_kernel(self.fc6.weight, x.shape[1:])
+            x = F.conv2d(x, kernel, self.fc6.bias).flatten(1)
         else:
             x = self.fc6(x.flatten(1))
         return F.relu(self.fc7(F.relu(x, inplace=True)), inplace=True)
 
-    def _fc6_kernel(self, chw: torch.Size) -> Tensor:
-        """fc6's weights as a channels-last (fc_dim, C, S, S) kernel."""
-        w = self.fc6.weight
-        key = (w.data_ptr(), w._version, w.dtype, chw)
-        if self._kernel[0] != key:
-            kernel = w.detach().view(w.shape[0], *chw).contiguous(memory_format=torch.channels_last)
-            self._kernel = (key, kernel)
-        return self._kernel[1]
+
+def _as_kernel(weight: Tensor, chw: torch.Size) -> Tensor:
+    """(D, C*S*S) fully connected weights -> the channels-last (D, C, S, S) kernel."""
+    return weight.view(weight.shape[0], *chw).contiguous(memory_format=torch.channels_last)
 
 
 class BoxPredictor(nn.Module):

@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from maskrcnn.ops.weight_cache import WeightCache
+
 _BT = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
        [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]]
 _G = [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
@@ -141,13 +143,7 @@ class WinogradConv2d(nn.Conv2d):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._cache = (None, None)
-
-    def _transformed(self) -> Tensor:
-        key = (self.weight.data_ptr(), self.weight._version, self.weight.dtype)
-        if self._cache[0] != key:
-            self._cache = (key, winograd_weights(self.weight.detach()))
-        return self._cache[1]
+        self._transformed = WeightCache(winograd_weights)
 
     def forward(self, x: Tensor) -> Tensor:
         fast = (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
@@ -155,7 +151,8 @@ class WinogradConv2d(nn.Conv2d):
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)))
         if not fast:
             return super().forward(x)
-        return conv3x3(x, self._transformed(), None if self.bias is None else self.bias.detach())
+        bias = None if self.bias is None else self.bias.detach()
+        return conv3x3(x, self._transformed(self.weight), bias)
 
 
 def use_winograd(module: nn.Module, min_channels: int = 128) -> int:
