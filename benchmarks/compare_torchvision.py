@@ -5,17 +5,27 @@ implementations alternating; medians and ratios (ours / torchvision) in one tabl
 
 Where the CPU has bf16 instructions, extra rows time the opt-in bf16 mode: ours in bf16 against
 torchvision in float32 (its default), and both under bf16 autocast.
+
+Under each float32 training and inference row, a "floor" line gives the time that the
+convolutions and matrix products of torchvision's model (counted by PyTorch's FLOP counter) take
+at the higher of two float32 rates measured on this machine right after the row (a large matrix
+product and a large convolution), as a ratio of torchvision's time in that row: about the lowest
+time an implementation doing the same products can reach. Fewer products (Winograd's
+convolutions, in our inference path) go below it.
 """
 
 from __future__ import annotations
 
 import platform
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
 import torchvision
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
@@ -43,6 +53,40 @@ def row(name: str, a: float, b: float, unit: str = "s") -> None:
     print(f"{name:58s} {a * scale:10.3f} {b * scale:10.3f} {a / b:7.2f}x   ({unit})")
 
 
+def product_rates() -> dict[str, float]:
+    """GFLOP/s that float32 products reach on this machine now (median of 10): a 2048^3 matrix
+    product and a 3x3, 256-channel convolution on a channels-last 100x168 map."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    x = torch.randn(1, 256, 100, 168).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(256, 256, 3, 3).contiguous(memory_format=torch.channels_last)
+    work = {"torch.mm": (lambda: torch.mm(a, b), 2 * 2048**3),
+            "3x3 conv": (lambda: torch.nn.functional.conv2d(x, w, padding=1),
+                         2 * 100 * 168 * 256 * 256 * 9)}
+    rates = {}
+    with torch.inference_mode():
+        for name, (fn, flop) in work.items():
+            fn()
+            seconds = []
+            for _ in range(10):
+                t0 = time.perf_counter()
+                fn()
+                seconds.append(time.perf_counter() - t0)
+            rates[name] = flop / statistics.median(seconds) / 1e9
+    return rates
+
+
+def floor_line(tv_fn, tv_seconds: float) -> None:
+    """Print the time that the convolutions and matrix products of ``tv_fn()`` (forward and
+    backward) take at the higher of ``product_rates()``, as a ratio of ``tv_seconds``."""
+    with FlopCounterMode(display=False) as counter:
+        tv_fn()
+    gflop = counter.get_total_flops() / 1e9
+    rate = max(product_rates().values())
+    seconds = gflop / rate
+    print(f"  float32 floor: torchvision's {gflop:.1f} GFLOP of products at {rate:.0f} GFLOP/s "
+          f"take {seconds:.3f} s, {seconds / tv_seconds:.2f}x of its time")
+
+
 def tv_r50(seed: int = 0):
     torch.manual_seed(seed)
     model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)
@@ -67,6 +111,7 @@ def inference(repeats: int, sizes: list[tuple[int, int]]) -> None:
         with torch.inference_mode():
             a, b = alternate(ours_fn, tv_fn, repeats)
             row(f"inference R50-FPN, {h}x{w} (HxW) image", a, b)
+            floor_line(tv_fn, b)
             if BF16:
                 ours.use_bf16(True)
                 a, b = alternate(ours_fn, tv_fn, repeats)
@@ -132,6 +177,7 @@ def train_step(repeats: int, name: str, bf16: bool = False, **changes) -> None:
 
     a, b = alternate(step(ours, opts[0]), step(tv, opts[1]), repeats)
     row(f"train step, {name}, 4 images", a, b)
+    floor_line(step(tv, opts[1]), b)
     if bf16 and BF16:
         ours.use_bf16(True)
         a, b = alternate(step(ours, opts[0]), step(tv, opts[1]), repeats)
