@@ -27,10 +27,12 @@ def test_conv3x3_equals_the_direct_convolution(shape, chunk, monkeypatch):
 
 
 def test_conv3x3_reads_contiguous_input_too():
-    x = torch.randn(2, 4, 7, 9)
-    weight = torch.randn(4, 4, 3, 3)
-    torch.testing.assert_close(conv3x3(x, winograd_weights(weight)), F.conv2d(x, weight, padding=1),
-                               rtol=0, atol=1e-4)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 7, 9, generator=g)
+    weight = torch.randn(4, 4, 3, 3, generator=g)
+    expected = F.conv2d(x, weight, padding=1)
+    torch.testing.assert_close(conv3x3(x, winograd_weights(weight)), expected,
+                               rtol=0, atol=2e-5 * expected.abs().max().item())
 
 
 def test_use_winograd_swaps_only_eligible_convs_and_keeps_the_state_dict():
@@ -51,9 +53,10 @@ def test_winograd_conv_runs_winograd_only_without_autograd(monkeypatch):
     fast = WinogradConv2d.from_conv(conv)
     calls = []
     monkeypatch.setattr(winograd, "conv3x3", lambda *a: calls.append(1) or conv3x3(*a))
-    x = torch.randn(1, 8, 6, 6)
+    x = torch.randn(1, 8, 6, 6, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(fast(x), conv(x), rtol=0, atol=1e-5)
+        expected = conv(x)
+        torch.testing.assert_close(fast(x), expected, rtol=0, atol=2e-5 * expected.abs().max().item())
     assert len(calls) == 1
     y = fast(x.requires_grad_())
     y.sum().backward()
@@ -67,9 +70,11 @@ def test_winograd_conv_runs_winograd_only_without_autograd(monkeypatch):
 
 def test_transformed_weights_follow_in_place_weight_changes():
     conv = WinogradConv2d.from_conv(nn.Conv2d(4, 4, 3, padding=1))
-    x = torch.randn(1, 4, 8, 8)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        conv(x)
+        before = conv(x)
         conv.weight.mul_(2)
-        torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1),
-                                   rtol=0, atol=1e-5)
+        expected = F.conv2d(x, conv.weight, conv.bias, padding=1)
+        # the stale filters would be off by the whole weighted sum, far above Winograd's rounding
+        assert (before - expected).abs().max() > 0.1 * expected.abs().max()
+        torch.testing.assert_close(conv(x), expected, rtol=0, atol=2e-5 * expected.abs().max().item())
