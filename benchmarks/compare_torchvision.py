@@ -20,6 +20,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -215,32 +216,44 @@ def paste_rows(repeats: int) -> None:
         row(f"paste 100 masks into a {hw[1]}x{hw[0]} image", a, b, "ms")
 
 
-def fresh_process(repeats: int) -> None:
-    """The first inference of a freshly built model, each implementation in its own fresh
-    process, alternating (median of up to 3): its time, which includes the one-off work of a
-    first call (our Winograd filters, oneDNN's kernels for new shapes), and its peak resident
-    memory (VmHWM, weights included)."""
-    here = str(Path(__file__).parent)
-    results = {"ours": [], "tv": []}
-    for _ in range(min(repeats, 3)):
-        for which in results:
-            code = (f"import sys, time; sys.path.insert(0, {here!r}); import torch; import compare_torchvision as c\n"
-                    f"torch.set_num_threads({torch.get_num_threads()})\n"
-                    f"m = c.tv_r50()\n"
-                    f"if {which!r} == 'ours': m = c.from_torchvision(m.state_dict(), verbose=False).optimize_for_inference()\n"
-                    f"import gc; gc.collect(); x = torch.rand(3, 800, 1333)\n"
-                    # reset the high-water mark so it covers the inference only (weights included)
-                    f"open('/proc/self/clear_refs', 'w').write('5')\n"
-                    f"t0 = time.perf_counter()\n"
-                    f"with torch.inference_mode(): m([x])\n"
-                    f"print(time.perf_counter() - t0)\n"
-                    f"print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])")
-            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-            seconds, kb = out.stdout.split()[-2:]
-            results[which].append((float(seconds), int(kb) / 1024))
-    (a_s, a_mb), (b_s, b_mb) = ([statistics.median(v) for v in zip(*results[k])] for k in results)
-    row("first inference of a fresh process, 800x1333 image", a_s, b_s)
-    row("peak memory (VmHWM) of a process doing one inference", a_mb, b_mb, "MB")
+def fresh_process(repeats: int, sizes: list[tuple[int, int]]) -> None:
+    """For each size, the first inference of a freshly loaded model, each implementation in its
+    own fresh process, alternating (median of up to 3): its time, which includes the one-off work
+    of a first call (our Winograd filters, oneDNN's kernels for new shapes), and its peak resident
+    memory (VmHWM, weights included). Both processes load the same state-dict file, as a user
+    loads weights, and import only their own library (importing torchvision alone adds about
+    170 MB; the library never does)."""
+    build = {"ours": "from maskrcnn.interop.torchvision import from_torchvision\n"
+                     "m = from_torchvision(state, verbose=False).optimize_for_inference()",
+             "tv": "from torchvision.models.detection import maskrcnn_resnet50_fpn\n"
+                   "m = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)\n"
+                   "m.load_state_dict(state); m.eval()"}
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = str(Path(tmp) / "r50.pt")
+        torch.save(tv_r50().state_dict(), weights)
+        for h, w in sizes:
+            results = {which: [] for which in build}
+            for _ in range(min(repeats, 3)):
+                for which, make in build.items():
+                    code = ("import gc, time, torch\n"
+                            f"torch.set_num_threads({torch.get_num_threads()})\n"
+                            f"state = torch.load({weights!r}, weights_only=True)\n"
+                            f"{make}\n"
+                            f"del state; gc.collect(); x = torch.rand(3, {h}, {w})\n"
+                            "kb = lambda key: [l for l in open('/proc/self/status') if l.startswith(key)][0].split()[1]\n"
+                            # reset the high-water mark so it covers the inference (weights included)
+                            "open('/proc/self/clear_refs', 'w').write('5'); before = kb('VmRSS')\n"
+                            "t0 = time.perf_counter()\n"
+                            "with torch.inference_mode(): m([x])\n"
+                            "print(time.perf_counter() - t0, kb('VmHWM'), before)")
+                    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+                    seconds, peak, before = out.stdout.split()[-3:]
+                    results[which].append((float(seconds), int(peak) / 1024, (int(peak) - int(before)) / 1024))
+            (a_s, a_mb, a_add), (b_s, b_mb, b_add) = ([statistics.median(v) for v in zip(*results[k])]
+                                                      for k in build)
+            row(f"first inference of a fresh process, {h}x{w} image", a_s, b_s)
+            row("  peak memory (VmHWM) of that process", a_mb, b_mb, "MB")
+            row("  of which added by the inference (peak - RSS before it)", a_add, b_add, "MB")
 
 
 def cpu_name() -> str:
@@ -276,7 +289,7 @@ def main() -> None:
                   "rpn.batch_size_per_image": 256, "rpn.pre_nms_topk_train": 2000,
                   "rpn.post_nms_topk_train": 2000})
     inference(args.repeats, sizes)
-    fresh_process(args.repeats)
+    fresh_process(args.repeats, sizes)
 
 
 if __name__ == "__main__":
