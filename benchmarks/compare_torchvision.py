@@ -270,7 +270,7 @@ def cpu_name() -> str:
 def main() -> None:
     cli = parser(__doc__, repeats=3)
     cli.add_argument("--sizes", nargs="+", default=["800x1333"], metavar="HxW",
-                     help="input sizes of the inference rows (both models resize to 800 / 1333)")
+                     help="input sizes of the inference and fresh-process rows (both models resize to 800 / 1333)")
     args = cli.parse_args()
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes]
     torch.set_num_threads(args.threads)
