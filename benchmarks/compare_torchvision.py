@@ -2,6 +2,10 @@
 implementations alternating; medians and ratios (ours / torchvision) in one table.
 
     python benchmarks/compare_torchvision.py [--threads 2] [--repeats 3] [--sizes 800x1333 600x1000]
+                                             [--only inference fresh]
+
+All rows take about 20 minutes on two cores; ``--only`` runs some of them, e.g. the inference
+rows at other sizes: ``--only inference --sizes 427x640 100x2000``.
 
 Where the CPU has bf16 instructions, extra rows time the opt-in bf16 mode: ours in bf16 against
 torchvision in float32 (its default), and both under bf16 autocast.
@@ -47,6 +51,7 @@ from maskrcnn.ops import paste_masks, roi_align  # noqa: E402
 from maskrcnn.precision import bf16_autocast, cpu_has_bf16  # noqa: E402
 
 BF16 = cpu_has_bf16()
+SECTIONS = ["roi_align", "paste", "train", "inference", "fresh"]
 
 
 def row(name: str, a: float, b: float, unit: str = "s") -> None:
@@ -271,6 +276,8 @@ def main() -> None:
     cli = parser(__doc__, repeats=3)
     cli.add_argument("--sizes", nargs="+", default=["800x1333"], metavar="HxW",
                      help="input sizes of the inference and fresh-process rows (both models resize to 800 / 1333)")
+    cli.add_argument("--only", nargs="+", choices=SECTIONS, default=SECTIONS, metavar="ROWS",
+                     help=f"run only these groups of rows, of {', '.join(SECTIONS)} (default: all)")
     args = cli.parse_args()
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes]
     torch.set_num_threads(args.threads)
@@ -278,18 +285,23 @@ def main() -> None:
           f"{args.threads} threads, median of {args.repeats} alternating runs, "
           f"CPU bf16 instructions: {'yes' if BF16 else 'no'}")
     print(f"{'measurement':58s} {'ours':>10s} {'torchvision':>10s} {'ratio':>8s}")
-    roi_align_rows(args.repeats)
-    paste_rows(args.repeats)
-    train_step(args.repeats, "small CPU preset settings", bf16=True)
-    # torchvision's defaults on the same ResNet-18: 256-channel FPN, 512 RoIs per image, the
-    # 1024-wide box head and the four-conv mask head
-    train_step(args.repeats, "R18-FPN with torchvision's head defaults", bf16=True,
-               **{"backbone.fpn_channels": 256, "roi_heads.batch_size_per_image": 512,
-                  "roi_heads.box_fc_dim": 1024, "roi_heads.mask_conv_dims": (256, 256, 256, 256),
-                  "rpn.batch_size_per_image": 256, "rpn.pre_nms_topk_train": 2000,
-                  "rpn.post_nms_topk_train": 2000})
-    inference(args.repeats, sizes)
-    fresh_process(args.repeats, sizes)
+    if "roi_align" in args.only:
+        roi_align_rows(args.repeats)
+    if "paste" in args.only:
+        paste_rows(args.repeats)
+    if "train" in args.only:
+        train_step(args.repeats, "small CPU preset settings", bf16=True)
+        # torchvision's defaults on the same ResNet-18: 256-channel FPN, 512 RoIs per image, the
+        # 1024-wide box head and the four-conv mask head
+        train_step(args.repeats, "R18-FPN with torchvision's head defaults", bf16=True,
+                   **{"backbone.fpn_channels": 256, "roi_heads.batch_size_per_image": 512,
+                      "roi_heads.box_fc_dim": 1024, "roi_heads.mask_conv_dims": (256, 256, 256, 256),
+                      "rpn.batch_size_per_image": 256, "rpn.pre_nms_topk_train": 2000,
+                      "rpn.post_nms_topk_train": 2000})
+    if "inference" in args.only:
+        inference(args.repeats, sizes)
+    if "fresh" in args.only:
+        fresh_process(args.repeats, sizes)
 
 
 if __name__ == "__main__":
