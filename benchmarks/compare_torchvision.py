@@ -254,11 +254,11 @@ def fresh_process(repeats: int, sizes: list[tuple[int, int]]) -> None:
                     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
                     seconds, peak, before = out.stdout.split()[-3:]
                     results[which].append((float(seconds), int(peak) / 1024, (int(peak) - int(before)) / 1024))
-            (a_s, a_mb, a_add), (b_s, b_mb, b_add) = ([statistics.median(v) for v in zip(*results[k])]
-                                                      for k in build)
+            (a_s, a_peak, a_add), (b_s, b_peak, b_add) = ([statistics.median(v) for v in zip(*results[k])]
+                                                          for k in build)
             row(f"first inference of a fresh process, {h}x{w} image", a_s, b_s)
-            row("  peak memory (VmHWM) of that process", a_mb, b_mb, "MB")
-            row("  of which added by the inference (peak - RSS before it)", a_add, b_add, "MB")
+            row("  peak memory (VmHWM) of that process", a_peak, b_peak, "MiB")
+            row("  of which added by the inference (peak - RSS before it)", a_add, b_add, "MiB")
 
 
 def cpu_name() -> str:
