@@ -41,7 +41,7 @@ from torchvision.ops import MultiScaleRoIAlign
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_roi_align import make_rois  # noqa: E402
-from common import alternate, parser  # noqa: E402
+from common import alternate, parser, pin_pooler_scales  # noqa: E402
 
 from maskrcnn.config import SolverConfig, replace_nested, small_cpu_model  # noqa: E402
 from maskrcnn.engine.optimizer import build_optimizer, dense_layout  # noqa: E402
@@ -98,7 +98,17 @@ def tv_r50(seed: int = 0):
     model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)
     with torch.no_grad():  # random weights would give no detections above 0.05
         model.roi_heads.box_predictor.cls_score.weight.mul_(40)
+    pin_pooler_scales(model)
     return model.eval()
+
+
+def detections_line(ours: dict, tv: dict) -> None:
+    """How many of torchvision's detections ours also makes: the same label and a box within
+    0.5 px (the float rounding of the fast path moves boxes by far less)."""
+    gap = (ours["boxes"][:, None] - tv["boxes"][None]).abs().amax(-1)
+    same = (gap <= 0.5) & (ours["labels"][:, None] == tv["labels"][None])
+    print(f"  detections: ours {len(ours['boxes'])}, torchvision {len(tv['boxes'])}, of which "
+          f"{int(same.any(0).sum())} the same (label, box within 0.5 px)")
 
 
 def in_bf16(fn):
@@ -117,6 +127,7 @@ def inference(repeats: int, sizes: list[tuple[int, int]]) -> None:
         with torch.inference_mode():
             a, b = alternate(ours_fn, tv_fn, repeats)
             row(f"inference R50-FPN, {h}x{w} (HxW) image", a, b)
+            detections_line(ours_fn()[0], tv_fn()[0])
             floor_line(tv_fn, b)
             if BF16:
                 ours.use_bf16(True)
@@ -232,7 +243,9 @@ def fresh_process(repeats: int, sizes: list[tuple[int, int]]) -> None:
                      "m = from_torchvision(state, verbose=False).optimize_for_inference()",
              "tv": "from torchvision.models.detection import maskrcnn_resnet50_fpn\n"
                    "m = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)\n"
-                   "m.load_state_dict(state); m.eval()"}
+                   "m.load_state_dict(state); m.eval()\n"
+                   f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+                   "from common import pin_pooler_scales; pin_pooler_scales(m)"}
     with tempfile.TemporaryDirectory() as tmp:
         weights = str(Path(tmp) / "r50.pt")
         torch.save(tv_r50().state_dict(), weights)

@@ -25,10 +25,10 @@ def models(tmp_path_factory):
     return tv.eval(), ours.eval()
 
 
-def make_images(seed):
+def make_images(seed, sizes=SIZES):
     g = torch.Generator().manual_seed(seed)
     images = []
-    for c, h, w in SIZES:
+    for c, h, w in sizes:
         # smooth blobs rather than white noise, so the random backbone responds to structure
         low = torch.rand(c, h // 16 + 1, w // 16 + 1, generator=g)
         images.append(torch.nn.functional.interpolate(low[None], size=(h, w), mode="bilinear")[0])
@@ -58,8 +58,12 @@ def test_eval_outputs_match_torchvision(models):
     for p_tv, p_ours in zip(tv_props[-1], our_props[-1]):
         assert p_tv.shape == p_ours.shape
         torch.testing.assert_close(p_ours, p_tv, atol=1e-3, rtol=0)
+    assert_same_detections(expected, got, SIZES)
+
+
+def assert_same_detections(expected, got, sizes):
     total = 0
-    for e, g, (_, h, w) in zip(expected, got, SIZES):
+    for e, g, (_, h, w) in zip(expected, got, sizes):
         assert len(g["boxes"]) == len(e["boxes"])
         total += len(g["boxes"])
         torch.testing.assert_close(g["boxes"], e["boxes"], atol=1e-3, rtol=0)
@@ -69,6 +73,22 @@ def test_eval_outputs_match_torchvision(models):
         for gm, em in zip(g["masks"], e["masks"][:, 0] > 0.5):
             assert mask_iou(gm, em) >= 0.99
     assert total >= 10, "the comparison needs detections to be meaningful"
+
+
+@pytest.mark.parametrize("size", [(3, 30, 1000), (3, 1000, 30)])
+def test_extreme_aspect_matches_torchvision(models, size):
+    """A 30x1000 image is resized to 40x1333 and padded to 64 rows. torchvision's poolers take
+    each level's scale from the first image they see, rounding log2(feature height / image
+    height), and keep it: from this image they would take P2 at 1/2 instead of 1/4. So, as in
+    any run whose first image is of ordinary height, torchvision sees one first; ours has the
+    strides fixed and needs none. Then the two agree on the panorama and on its transpose."""
+    tv, ours = models
+    with torch.no_grad():
+        if tv.roi_heads.box_roi_pool.scales is None:
+            tv(make_images(1)[:1])
+        assert tv.roi_heads.box_roi_pool.scales == [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+        images = make_images(5, [size])
+        assert_same_detections(tv(images), ours(images), [size])
 
 
 def make_targets(images, seed):
