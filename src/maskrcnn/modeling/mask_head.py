@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maskrcnn.ops import roi_align
+from maskrcnn.ops.winograd import conv_relu_stack
 
 
 class MaskHead(nn.Module):
@@ -38,8 +39,7 @@ class MaskHead(nn.Module):
     def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         """(R, C, S, S) -> logits (R, K, 2S, 2S); with ``labels`` (R,) in 1..K, only each
         RoI's own class channel (R, 2S, 2S), which is all inference needs. Float32 under bf16."""
-        for conv in self.convs:
-            x = F.relu(conv(x), inplace=True)
+        x = conv_relu_stack(x, self.convs)
         if labels is not None:
             return self._own_class_logits(x, labels)
         # The bias is added apart: PyTorch's CPU kernel takes longer over a transposed conv's

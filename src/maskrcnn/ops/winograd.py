@@ -151,14 +151,85 @@ class WinogradConv2d(nn.Conv2d):
         super().__init__(*args, **kwargs)
         self._transformed = WeightCache(winograd_weights)
 
-    def forward(self, x: Tensor) -> Tensor:
-        fast = (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+    def fast(self, x: Tensor) -> bool:
+        """Whether ``x`` goes through ``conv3x3``: float32 on the CPU, no autocast, no autograd."""
+        return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
                 and not torch.is_autocast_enabled("cpu")
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)))
-        if not fast:
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.fast(x):
             return super().forward(x)
         bias = None if self.bias is None else self.bias.detach()
         return conv3x3(x, self._transformed(self.weight), bias)
+
+
+def conv_relu_stack(x: Tensor, convs) -> Tensor:
+    """``x`` (R, C, H, W) through [3x3 conv, ReLU] for each of ``convs`` in turn.
+
+    Many small maps, such as the mask head's 14x14 RoI features, waste a quarter of Winograd's
+    work one by one: a 14-pixel side takes four 4-pixel tiles, 16 pixels. So when at least
+    ``_MOSAIC_MIN_MAPS`` maps go through ``WinogradConv2d``'s fast path, they go as one mosaic
+    (``to_mosaic``) instead, whose seams are cleared after each ReLU: three 14-pixel maps and
+    their two seams are 44 pixels, 11 tiles. The same sums as one map at a time, tiled
+    differently (100 RoIs of 256 channels, four convs: 0.88x-0.93x the time, 2 Xeon cores)."""
+    r, _, h, w = x.shape
+    if r < _MOSAIC_MIN_MAPS or not all(isinstance(c, WinogradConv2d) and c.fast(x) for c in convs):
+        for conv in convs:
+            x = torch.relu_(conv(x))
+        return x
+    y = to_mosaic(x, _MOSAIC_ACROSS)
+    for conv in convs:
+        y = torch.relu_(conv(y))
+        pixels = y[0].permute(1, 2, 0)  # (rows, columns, C), channels-last
+        pixels[h::h + 1].zero_()
+        pixels[:, w::w + 1].zero_()
+    return from_mosaic(y, r, h, w)
+
+
+_MOSAIC_ACROSS = 3
+_MOSAIC_MIN_MAPS = 12  # 7 RoIs: 1.08x the time one by one (2 of 9 places empty); 12: 0.84x
+
+
+def to_mosaic(x: Tensor, across: int) -> Tensor:
+    """(R, C, H, W) -> (1, C, rows (H + 1) - 1, across (W + 1) - 1), channels-last: the maps
+    ``across`` to a row, each but the last of a row or column followed by a zero seam, a row or
+    column of zeros; the places after the R-th map are zero. A 3x3 convolution with zero
+    padding of 1 gives each map's pixels what it gives the map alone, as long as the seams are
+    zero: a pixel's 3x3 neighbourhood reaches into a seam, not past it."""
+    r, c, h, w = x.shape
+    rows = -(-r // across)
+    mosaic = x.new_zeros((rows * (h + 1) - 1, across * (w + 1) - 1, c))
+    _copy_places(_places(mosaic, rows, across, h, w), x.permute(0, 2, 3, 1), into=True)
+    return mosaic[None].permute(0, 3, 1, 2)
+
+
+def from_mosaic(y: Tensor, r: int, h: int, w: int) -> Tensor:
+    """The first R maps (R, C, H, W), channels-last, of a channels-last mosaic (1, C, H', W')."""
+    c, hm, wm = y.shape[1:]
+    maps = y.new_empty((r, h, w, c))
+    places = _places(y[0].permute(1, 2, 0), (hm + 1) // (h + 1), (wm + 1) // (w + 1), h, w)
+    _copy_places(places, maps, into=False)
+    return maps.permute(0, 3, 1, 2)
+
+
+def _places(pixels: Tensor, rows: int, across: int, h: int, w: int) -> Tensor:
+    """The (rows, across, H, W, C) view of the maps' places in contiguous mosaic pixels (H', W', C)."""
+    wm, c = pixels.shape[1:]
+    return pixels.as_strided((rows, across, h, w, c), ((h + 1) * wm * c, (w + 1) * c, wm * c, c, 1))
+
+
+def _copy_places(places: Tensor, maps: Tensor, into: bool) -> None:
+    """Copy the R maps (R, H, W, C) into their places (rows, across, H, W, C), or back."""
+    r, across = maps.shape[0], places.shape[1]
+    full = r // across
+    pairs = [(places[:full], maps[:full * across].unflatten(0, (full, across)))]
+    pairs += [(places[k // across, k % across], maps[k]) for k in range(full * across, r)]
+    for place, m in pairs:
+        if into:
+            place.copy_(m)
+        else:
+            m.copy_(place)
 
 
 def use_winograd(module: nn.Module, min_channels: int = 128) -> int:
