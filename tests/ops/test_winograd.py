@@ -116,19 +116,15 @@ def test_mosaic_places_maps_between_zero_seams_and_gives_them_back():
     assert torch.equal(winograd.from_mosaic(mosaic, 4, 2, 3), x)
 
 
-def test_conv_relu_stack_goes_one_map_at_a_time_for_few_maps_or_in_training():
+def test_conv_relu_stack_goes_one_map_at_a_time_for_few_maps_or_in_training(monkeypatch):
     convs = [WinogradConv2d.from_conv(nn.Conv2d(4, 4, 3, padding=1))]
     calls = []
-    original = winograd.to_mosaic
-    winograd.to_mosaic = lambda *a: calls.append(1) or original(*a)
-    try:
-        x = torch.randn(winograd._MOSAIC_MIN_MAPS, 4, 6, 6)
-        with torch.no_grad():
-            winograd.conv_relu_stack(x[:-1], convs)
-        winograd.conv_relu_stack(x.requires_grad_(), convs).sum().backward()
-        assert not calls and convs[0].weight.grad is not None
-        with torch.no_grad():
-            winograd.conv_relu_stack(x, convs)
-        assert calls == [1]
-    finally:
-        winograd.to_mosaic = original
+    monkeypatch.setattr(winograd, "to_mosaic", lambda *a, f=winograd.to_mosaic: calls.append(1) or f(*a))
+    x = torch.randn(winograd._MOSAIC_MIN_MAPS, 4, 6, 6)
+    with torch.no_grad():
+        winograd.conv_relu_stack(x[:-1], convs)
+    winograd.conv_relu_stack(x.requires_grad_(), convs).sum().backward()
+    assert not calls and convs[0].weight.grad is not None
+    with torch.no_grad():
+        winograd.conv_relu_stack(x, convs)
+    assert calls == [1]
