@@ -123,6 +123,7 @@ def test_conv_relu_stack_goes_one_map_at_a_time_for_few_maps_or_in_training(monk
     x = torch.randn(winograd._MOSAIC_MIN_MAPS, 4, 6, 6)
     with torch.no_grad():
         winograd.conv_relu_stack(x[:-1], convs)
+        assert winograd.conv_relu_stack(x, []) is x  # no convs (the C4 mask head)
     winograd.conv_relu_stack(x.requires_grad_(), convs).sum().backward()
     assert not calls and convs[0].weight.grad is not None
     with torch.no_grad():
