@@ -29,14 +29,10 @@ def alternate(ours, theirs, repeats: int) -> tuple[float, float]:
 
 
 def pin_pooler_scales(model) -> None:
-    """Set the pooler scales of a torchvision Mask R-CNN to the FPN's strides, 1/4 to 1/32.
-
-    torchvision's poolers take each level's scale from the first image they see, as 2 to the
-    rounded log2 of (feature height / image height), and keep it. A first image resized to a
-    height of 1-22, 33-45 or 65-67 px (padded to 32, 64 or 96), such as a 100x2000 one (66x1333),
-    gets P2 at 1/2 instead of 1/4, and from then on every image pools from the wrong places and
-    gets other detections. These are the scales that any first image of ordinary height sets:
-    with them, both implementations compute the same detections at every size, in any order."""
+    """Set the pooler scales of a torchvision Mask R-CNN to the FPN's strides, 1/4 to 1/32, as
+    any first image of ordinary height sets them. torchvision takes them from its first image
+    and keeps them, wrongly for some wide ones such as 100x2000 (README, Load torchvision
+    weights); with these, both implementations compute the same detections at every size."""
     from torchvision.ops.poolers import initLevelMapper  # only the scripts that time torchvision call this
 
     for pool in (model.roi_heads.box_roi_pool, model.roi_heads.mask_roi_pool):

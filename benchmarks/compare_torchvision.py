@@ -111,10 +111,12 @@ def detections_line(ours: dict, tv: dict) -> None:
     gap = (ours["boxes"][:, None] - tv["boxes"][None]).abs().amax(-1)
     same = (gap <= 0.5) & (ours["labels"][:, None] == tv["labels"][None])
     scores = tv["scores"]
-    tied = int((scores == scores.min()).sum()) if len(scores) else 0
+    ties = ""
+    if len(scores):
+        lowest = scores.min()
+        ties = f"; {int((scores == lowest).sum())} of torchvision's tie at its lowest kept score, {lowest:.6f}"
     print(f"  detections: ours {len(ours['boxes'])}, torchvision {len(tv['boxes'])}, of which "
-          f"{int(same.any(0).sum())} the same (label, box within 0.5 px); {tied} of torchvision's "
-          f"tie at its lowest kept score{f', {scores.min().item():.6f}' if tied else ''}")
+          f"{int(same.any(0).sum())} the same (label, box within 0.5 px){ties}")
 
 
 def in_bf16(fn):

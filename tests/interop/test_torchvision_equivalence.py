@@ -77,11 +77,10 @@ def assert_same_detections(expected, got, sizes):
 
 @pytest.mark.parametrize("size", [(3, 30, 1000), (3, 1000, 30)])
 def test_extreme_aspect_matches_torchvision(models, size):
-    """A 30x1000 image is resized to 40x1333 and padded to 64 rows. torchvision's poolers take
-    each level's scale from the first image they see, rounding log2(feature height / image
-    height), and keep it: from this image they would take P2 at 1/2 instead of 1/4. So, as in
-    any run whose first image is of ordinary height, torchvision sees one first; ours has the
-    strides fixed and needs none. Then the two agree on the panorama and on its transpose."""
+    """A 30x1000 image becomes 40x1333, padded to 64 rows. As a first image it would give
+    torchvision's poolers P2 at 1/2 instead of 1/4 (README, Load torchvision weights), so, as
+    in any run whose first image is of ordinary height, torchvision sees one first; ours has the
+    strides fixed. Then the two agree on the panorama and on its transpose."""
     tv, ours = models
     with torch.no_grad():
         if tv.roi_heads.box_roi_pool.scales is None:
