@@ -34,18 +34,20 @@ def normalize(image: Tensor, cfg: InputConfig) -> Tensor:
 
 
 def resize(x: Tensor, scale: float, rounding: str, mode: str = "bilinear") -> Tensor:
-    """Resize (C, H, W) by ``scale``: sizes floored as torchvision or rounded as Detectron2."""
+    """Resize (C, H, W) by ``scale``: sizes floored as torchvision or rounded as Detectron2, and
+    at least 1 pixel, so that a panorama such as 2x3000 (0.9x1333 at scale 0.44) still runs
+    where both would stop with an empty output size.
+
+    With floored sizes this is torchvision's call (``scale_factor`` with
+    ``recompute_scale_factor=True`` samples at the ratio of input to floored output size)."""
     h, w = x.shape[-2:]
-    size = (int(h * scale), int(w * scale)) if rounding == "floor" else (
-        int(h * scale + 0.5), int(w * scale + 0.5))
+    offset = 0.0 if rounding == "floor" else 0.5
+    size = (max(1, int(h * scale + offset)), max(1, int(w * scale + offset)))
     if size == (h, w):
         return x
     if x.numel() == 0:  # an image without instances has a (0, H, W) mask stack
         return x.new_zeros((x.shape[0], *size))
     kw = {"align_corners": False} if mode == "bilinear" else {}
-    if rounding == "floor":
-        # The same call as torchvision, so the sampling grid (in/out ratio) matches exactly.
-        return F.interpolate(x[None], scale_factor=scale, mode=mode, recompute_scale_factor=True, **kw)[0]
     return F.interpolate(x[None], size=size, mode=mode, **kw)[0]
 
 
