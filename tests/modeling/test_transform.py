@@ -33,3 +33,10 @@ def test_model_predicts_on_a_thin_panorama():
         out = model([torch.rand(3, 1, 500)])[0]  # 1 x 384 after resizing
     assert out["masks"].shape[1:] == (1, 500)
     assert out["boxes"].shape == (out["masks"].shape[0], 4)
+
+
+@pytest.mark.parametrize("shape", [(3, 0, 10), (3, 10, 0)])
+def test_an_empty_image_is_refused_clearly(shape):
+    model = build_model(small_cpu_model(3)).eval()
+    with pytest.raises(ValueError, match=r"image 1 of the batch: the image is empty"):
+        model([torch.rand(3, 5, 5), torch.rand(shape)])

@@ -23,6 +23,8 @@ def normalize(image: Tensor, cfg: InputConfig) -> Tensor:
     """(3, H, W) RGB uint8 or float in [0, 1] -> normalised float in the backbone's convention."""
     if image.dim() != 3 or image.shape[0] != 3:
         raise ValueError(f"expected an RGB image of shape (3, H, W), got {tuple(image.shape)}")
+    if image.shape[1] == 0 or image.shape[2] == 0:
+        raise ValueError(f"the image is empty: shape {tuple(image.shape)}; pass images of at least 1x1 pixels")
     x = image.float() / 255 if image.dtype == torch.uint8 else image
     if cfg.channel_order == "BGR":
         x = x.flip(0)
@@ -61,7 +63,10 @@ def preprocess(images: list[Tensor], targets: list[dict] | None, cfg: InputConfi
     """
     resized, new_targets, mask_scales = [], [], []
     for i, image in enumerate(images):
-        x = normalize(image, cfg)
+        try:
+            x = normalize(image, cfg)
+        except ValueError as e:
+            raise ValueError(f"image {i} of the batch: {e}") from None
         if training:
             # One random draw per image, as torchvision, so seeded runs line up.
             choice = torch.empty(1).uniform_(0.0, float(len(cfg.min_size_train))).item()
