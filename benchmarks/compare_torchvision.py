@@ -20,6 +20,7 @@ convolutions, in our inference path) go below it.
 
 from __future__ import annotations
 
+import argparse
 import platform
 import statistics
 import subprocess
@@ -293,14 +294,30 @@ def cpu_name() -> str:
     return name + (" with AMX" if "amx_bf16" in info else "")
 
 
+def image_size(text: str) -> tuple[int, int]:
+    """An ``HxW`` argument that both implementations can run: torchvision stops on an image
+    whose resized short side floors to 0 pixels, such as 2x3000."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HxW, e.g. 800x1333") from None
+    if h < 1 or w < 1:
+        raise argparse.ArgumentTypeError(f"{text}: both sides must be at least 1 pixel")
+    scale = min(800 / min(h, w), 1333 / max(h, w))
+    if int(h * scale) == 0 or int(w * scale) == 0:
+        raise argparse.ArgumentTypeError(
+            f"{text}: torchvision resizes it to less than 1 pixel on a side and stops (ours keeps 1 "
+            f"pixel); use a long side below {1333 * min(h, w)} pixels")
+    return h, w
+
+
 def main() -> None:
     cli = parser(__doc__, repeats=3)
-    cli.add_argument("--sizes", nargs="+", default=["800x1333"], metavar="HxW",
+    cli.add_argument("--sizes", nargs="+", type=image_size, default=[(800, 1333)], metavar="HxW",
                      help="input sizes of the inference and fresh-process rows (both models resize to 800 / 1333)")
     cli.add_argument("--only", nargs="+", choices=SECTIONS, default=SECTIONS, metavar="ROWS",
                      help=f"run only these groups of rows, of {', '.join(SECTIONS)} (default: all)")
     args = cli.parse_args()
-    sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes]
     torch.set_num_threads(args.threads)
     print(f"{cpu_name()}; torch {torch.__version__}, torchvision {torchvision.__version__}, "
           f"{args.threads} threads, median of {args.repeats} alternating runs, "
@@ -320,9 +337,9 @@ def main() -> None:
                       "rpn.batch_size_per_image": 256, "rpn.pre_nms_topk_train": 2000,
                       "rpn.post_nms_topk_train": 2000})
     if "inference" in args.only:
-        inference(args.repeats, sizes)
+        inference(args.repeats, args.sizes)
     if "fresh" in args.only:
-        fresh_process(args.repeats, sizes)
+        fresh_process(args.repeats, args.sizes)
 
 
 if __name__ == "__main__":
