@@ -37,6 +37,49 @@ def test_train_step_and_inference_shapes(fpn):
             assert o["boxes"][:, 2].max() <= w and o["boxes"][:, 3].max() <= h
 
 
+@pytest.mark.parametrize("score_thresh", [0.0, 1.1])  # every candidate kept / none kept
+def test_mask_probabilities_have_one_shape_with_or_without_detections(monkeypatch, score_thresh):
+    """C4 with a 16-pixel mask pooler: res5 halves it to 8, the deconvolution doubles it back."""
+    import maskrcnn.modeling.mask_rcnn as mask_rcnn
+
+    seen = []
+    real = mask_rcnn.postprocess
+    monkeypatch.setattr(mask_rcnn, "postprocess", lambda results, *a, **k: seen.extend(results) or real(results, *a, **k))
+    torch.manual_seed(0)
+    cfg = replace_nested(small_cpu_model(num_classes=2), **{
+        "backbone.fpn": False, "roi_heads.mask_pooler_resolution": 16, "roi_heads.score_thresh": score_thresh})
+    with torch.no_grad():
+        build_model(cfg).eval()([torch.rand(3, 64, 80)])
+    probs = seen[0]["mask_probs"]
+    assert probs.shape == (len(seen[0]["boxes"]), 16, 16) and probs.dtype == torch.float32
+    assert (len(probs) > 0) == (score_thresh < 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.uint8])
+def test_images_of_any_float_or_uint8_dtype_give_the_float32_result(dtype):
+    torch.manual_seed(0)
+    model = build_model(small_cpu_model(num_classes=2)).eval()
+    image = torch.rand(3, 64, 80)
+    if dtype == torch.uint8:
+        image = (image * 255).round()
+        expected_input = image / 255
+    else:
+        expected_input = image.to(dtype).float()
+    with torch.no_grad():
+        got = model([image.to(dtype)])[0]
+        expected = model([expected_input])[0]
+    torch.testing.assert_close(got["boxes"], expected["boxes"])
+    assert got["boxes"].dtype == torch.float32
+
+
+def test_an_empty_batch_predicts_nothing_and_cannot_train():
+    model = build_model(small_cpu_model(num_classes=2))
+    with pytest.raises(ValueError, match="no images"):
+        model([], [])
+    with torch.no_grad():
+        assert model.eval()([]) == []
+
+
 def test_image_without_instances_gives_finite_zero_box_and_mask_losses():
     torch.manual_seed(0)
     model = build_model(small_cpu_model(num_classes=2))

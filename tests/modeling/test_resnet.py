@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch import nn
 
 from maskrcnn.modeling.resnet import FrozenBatchNorm2d, ResNet, fold_norms, fuse_block_ends, residual_relu
 
@@ -59,6 +60,16 @@ def test_folding_norms_keeps_outputs():
     assert fold_norms(body) == 20
     for a, b in zip(body(x), expected):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_folding_a_norm_without_affine_part_keeps_outputs():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4, affine=False))
+    net.train()(torch.randn(4, 3, 8, 8))
+    x = torch.randn(2, 3, 8, 8)
+    expected = net.eval()(x)
+    assert fold_norms(net) == 1 and isinstance(net[1], nn.Identity)
+    torch.testing.assert_close(net(x), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

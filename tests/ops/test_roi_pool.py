@@ -62,3 +62,10 @@ def test_no_boxes():
     out = roi_pool(x, torch.zeros(0, 5, dtype=torch.float64), 7)
     assert out.shape == (0, 3, 7, 7)
     out.sum().backward()
+
+
+@pytest.mark.parametrize("batch_index", [1.0, -1.0, 0.7])
+def test_batch_indices_outside_the_batch_or_fractional_are_refused(batch_index):
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    with pytest.raises(ValueError, match=r"batch indices must be integers in \[0, 1\)"):
+        roi_pool(x, torch.tensor([[batch_index, 0.0, 0, 1, 1]]), 1)

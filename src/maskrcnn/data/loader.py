@@ -8,7 +8,6 @@ number of loader workers, and DDP ranks split each global batch between them.
 
 from __future__ import annotations
 
-import math
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -17,6 +16,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from maskrcnn.data.transforms import TrainTransform
+from maskrcnn.structures.image_list import ImageList
 
 
 def collate(batch: list) -> tuple[list, list]:
@@ -37,12 +37,7 @@ def pad_batch(images: Sequence[Tensor], divisor: int = 32) -> Tensor:
     """
     if not images:
         raise ValueError("pad_batch needs at least one image")
-    h = math.ceil(max(im.shape[-2] for im in images) / divisor) * divisor
-    w = math.ceil(max(im.shape[-1] for im in images) / divisor) * divisor
-    out = images[0].new_zeros((len(images), images[0].shape[0], h, w))
-    for i, im in enumerate(images):
-        out[i, :, :im.shape[-2], :im.shape[-1]] = im
-    return out
+    return ImageList.from_tensors(list(images), divisor).tensor
 
 
 def _rng(*keys: int) -> np.random.Generator:

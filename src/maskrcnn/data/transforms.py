@@ -14,6 +14,8 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
+from maskrcnn.modeling.transform import resize_scale, resized_size
+
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
 
 
@@ -78,10 +80,8 @@ def shortest_edge_size(height: int, width: int, short: int, max_size: int) -> tu
     >>> shortest_edge_size(480, 640, 800, 1333)
     (800, 1067)
     """
-    scale = short / min(height, width)
-    if max(height, width) * scale > max_size:
-        scale = max_size / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
+    hw = (height, width)
+    return resized_size(hw, resize_scale(hw, short, max_size), "round")
 
 
 def resize_shortest_edge(image: Tensor, target: dict, short: int, max_size: int) -> tuple[Tensor, dict]:

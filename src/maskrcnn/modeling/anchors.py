@@ -44,7 +44,8 @@ def grid_anchors(cells: Tensor, feature_hw: tuple[int, int], stride: tuple[int, 
 
 
 class AnchorGenerator(nn.Module):
-    """Anchors for every level of a padded batch; cached per feature-map size."""
+    """Anchors for every level of a padded batch; those of the last input and feature sizes
+    are kept, so a run of same-sized batches computes them once."""
 
     def __init__(self, sizes_per_level: list[tuple[float, ...]], aspect_ratios: tuple[float, ...],
                  rounded: bool = False):

@@ -56,7 +56,8 @@ class MaskRCNN(nn.Module):
         """The CPU fast path, for a model that will only predict from now on: fixed-statistics
         norms are folded into the convs before them, every conv runs on channels-last tensors
         (the layout of the CPU convolution kernels, oneDNN), each residual block ends in one
-        fused conv + sum + ReLU, and the 3x3 convs with 128 or more channels run by Winograd's
+        fused conv + sum + ReLU (but for the 3x3 end convs of ResNet-18/34 blocks with 128 or
+        more channels, which run by Winograd instead), and the 3x3 convs with 128 or more channels run by Winograd's
         F(4x4, 3x3) in float32 on the CPU (``ops.winograd``: about twice as fast as oneDNN on
         the 256-channel P2 conv). Float rounding differs from the plain path (about 1e-5 of each
         Winograd conv's output scale); the state dict no longer matches a training checkpoint."""
@@ -98,7 +99,8 @@ class MaskRCNN(nn.Module):
         return self
 
     def forward(self, images: list[Tensor], targets: list[dict] | None = None):
-        """images: list of (3, H_i, W_i) RGB, uint8 or float in [0, 1].
+        """images: list of (3, H_i, W_i) RGB, uint8 or float in [0, 1]; in eval mode an empty
+        list gives an empty list.
 
         targets (train mode): per image ``boxes`` (G, 4) xyxy in image pixels, ``labels`` (G,)
         in 1..K and ``masks``: a compact mask structure or a (G, H, W) tensor.
@@ -107,6 +109,8 @@ class MaskRCNN(nn.Module):
             if targets is None:
                 raise ValueError("in train mode the model needs targets; call model.eval() to predict")
             check_targets(targets)
+        elif not images:
+            return []
         batch, targets, mask_scales = preprocess(images, targets, self.config.input, self.training)
         x = batch.tensor
         if self.channels_last or self.bf16:  # oneDNN's fast layout; NCHW costs reorders per conv

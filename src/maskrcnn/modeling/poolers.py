@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from maskrcnn.ops import box_area, roi_align
+from maskrcnn.ops.roi_align import as_rois
 
 
 def assign_levels(boxes: Tensor, min_level: int, max_level: int, canonical_size: float = 224.0,
@@ -40,9 +41,8 @@ class MultiLevelRoIAlign(nn.Module):
         self.levels = [int(math.log2(s)) for s in strides]
 
     def forward(self, features: list[Tensor], boxes: list[Tensor]) -> Tensor:
-        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], 1)
-                          for i, b in enumerate(boxes)])  # (R, 5): batch index, x1, y1, x2, y2
         first = features[0]
+        rois = as_rois(boxes, first)  # (R, 5): batch index, x1, y1, x2, y2
         if len(features) == 1:
             return self._pool(first, rois, self.strides[0])
         # every box gets exactly one level, so each row of ``out`` is written below; in the maps'

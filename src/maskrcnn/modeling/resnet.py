@@ -11,6 +11,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def norm_scale_and_shift(weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor,
+                         eps: float) -> tuple[Tensor, Tensor]:
+    """The per-channel ``(C,)`` scale and shift of a batch norm with fixed statistics:
+    ``weight / sqrt(var + eps)`` and ``bias - mean * scale`` (no affine part: weight 1, bias 0)."""
+    scale = (var + eps).rsqrt()
+    if weight is not None:
+        scale = weight * scale
+    return scale, (-mean * scale if bias is None else bias - mean * scale)
+
+
 class FrozenBatchNorm2d(nn.Module):
     """BatchNorm with fixed statistics and affine parameters: ``y = x * scale + shift``.
 
@@ -27,8 +37,7 @@ class FrozenBatchNorm2d(nn.Module):
 
     def scale_and_shift(self) -> tuple[Tensor, Tensor]:
         """Per-channel ``(C,)`` scale and shift that this layer applies."""
-        scale = self.weight * (self.running_var + self.eps).rsqrt()
-        return scale, self.bias - self.running_mean * scale
+        return norm_scale_and_shift(self.weight, self.bias, self.running_mean, self.running_var, self.eps)
 
     def forward(self, x: Tensor) -> Tensor:
         """``x``: (N, C, H, W) -> (N, C, H, W)."""
@@ -112,8 +121,8 @@ def residual_relu(conv: nn.Module, norm: nn.Module, x: Tensor, identity: Tensor,
     ``fused`` (inference only; see ``fuse_block_ends``): with the norm folded into a plain conv
     and float32 channels-last CPU maps outside autograd, one oneDNN call does the conv with the
     sum and the ReLU as post-ops, writing into ``identity``'s memory: no fresh output map and no
-    separate passes over it. Otherwise the plain ops, the sum in place on the conv's output (no
-    backward needs the norm's output, and big maps stay put)."""
+    separate passes over it. Otherwise the plain ops, the sum in place on the norm's output (no
+    backward needs it, and big maps stay put)."""
     if fused and _fusable(conv, norm, x, identity):
         return torch.ops.mkldnn._convolution_pointwise_.binary(
             identity, x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation,
@@ -239,8 +248,7 @@ def _norm_affine(norm: nn.Module) -> tuple[Tensor, Tensor] | None:
     if isinstance(norm, FrozenBatchNorm2d):
         return norm.scale_and_shift()
     if isinstance(norm, nn.BatchNorm2d) and not norm.training and norm.track_running_stats:
-        scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
-        return scale, norm.bias - norm.running_mean * scale
+        return norm_scale_and_shift(norm.weight, norm.bias, norm.running_mean, norm.running_var, norm.eps)
     return None  # GroupNorm, or BatchNorm still using batch statistics
 
 

@@ -113,12 +113,8 @@ class RoIHeads(nn.Module):
                 nms_thresh=self.nms_thresh, topk=self.detections_per_img, min_size=self.min_box_size)
             results.append({"boxes": boxes, "scores": scores, "labels": labels})
         boxes = [r["boxes"] for r in results]
-        if sum(len(b) for b in boxes):
-            labels = torch.cat([r["labels"] for r in results])
-            probs = self.mask_head(self._mask_features(features, boxes), labels).sigmoid()
-        else:
-            size = 2 * (self.mask_pooler.output_size if self.res5 is None else 7)
-            probs = x.new_zeros((0, size, size))
+        labels = torch.cat([r["labels"] for r in results])
+        probs = self.mask_head(self._mask_features(features, boxes), labels).sigmoid()
         for r, p in zip(results, probs.split([len(b) for b in boxes])):
             r["mask_probs"] = p
         return results

@@ -48,21 +48,19 @@ def top_per_level(logits: Tensor, level_counts: list[int], k: int) -> tuple[Tens
 
 
 def select_proposals(boxes: Tensor, logits: Tensor, levels: Tensor, image_hw: tuple[int, int],
-                     *, post_nms_topk: int, nms_thresh: float, min_size: float
-                     ) -> tuple[Tensor, Tensor]:
+                     *, post_nms_topk: int, nms_thresh: float, min_size: float) -> Tensor:
     """Proposals of one image from its per-level top candidates: ``boxes`` (K, 4), ``logits``
     (K,) and ``levels`` (K,).
 
     Clip to the image; drop boxes with a side below ``min_size``; NMS per level; keep the best
-    ``post_nms_topk`` overall. Returns boxes (R, 4) and objectness probabilities (R,), sorted by
-    decreasing score.
+    ``post_nms_topk`` overall. Returns boxes (R, 4) sorted by decreasing objectness.
     """
     boxes = clip_boxes(boxes, image_hw)
     scores = torch.sigmoid(logits)
     big = remove_small_boxes(boxes, min_size) if min_size > 0 else _non_empty(boxes)
     boxes, scores, levels = boxes[big], scores[big], levels[big]
     keep = batched_nms(boxes, scores, levels, nms_thresh)[:post_nms_topk]
-    return boxes[keep], scores[keep]
+    return boxes[keep]
 
 
 def _non_empty(boxes: Tensor) -> Tensor:
@@ -137,7 +135,7 @@ class RPN(nn.Module):
             for i, hw in enumerate(image_sizes):
                 proposals.append(select_proposals(
                     boxes[i], top_logits[i], levels, hw, post_nms_topk=self.post_nms_topk[mode],
-                    nms_thresh=self.nms_thresh, min_size=self.min_size)[0])
+                    nms_thresh=self.nms_thresh, min_size=self.min_size))
         if gt_boxes is None:
             return proposals, {}
         labels, matched = zip(*(anchor_labels(anchors, g, self.fg_iou, self.bg_iou) for g in gt_boxes))

@@ -19,13 +19,22 @@ def resize_scale(hw: tuple[int, int], short: int, max_size: int) -> float:
     return min(short / min(hw), max_size / max(hw))
 
 
+def resized_size(hw: tuple[int, int], scale: float, rounding: str) -> tuple[int, int]:
+    """(H, W) times ``scale``, floored as torchvision or rounded as Detectron2, and at least 1
+    pixel, so that a panorama such as 2x3000 (0.9x1333 at scale 0.44) still runs where both
+    would stop with an empty output size."""
+    offset = 0.0 if rounding == "floor" else 0.5
+    return max(1, int(hw[0] * scale + offset)), max(1, int(hw[1] * scale + offset))
+
+
 def normalize(image: Tensor, cfg: InputConfig) -> Tensor:
-    """(3, H, W) RGB uint8 or float in [0, 1] -> normalised float in the backbone's convention."""
+    """(3, H, W) RGB uint8, or float of any precision in [0, 1] -> normalised float32 in the
+    backbone's convention."""
     if image.dim() != 3 or image.shape[0] != 3:
         raise ValueError(f"expected an RGB image of shape (3, H, W), got {tuple(image.shape)}")
     if image.shape[1] == 0 or image.shape[2] == 0:
         raise ValueError(f"the image is empty: shape {tuple(image.shape)}; pass images of at least 1x1 pixels")
-    x = image.float() / 255 if image.dtype == torch.uint8 else image
+    x = image.float() / 255 if image.dtype == torch.uint8 else image.float()
     if cfg.channel_order == "BGR":
         x = x.flip(0)
     mean = torch.tensor(cfg.pixel_mean, dtype=x.dtype, device=x.device)[:, None, None]
@@ -36,15 +45,11 @@ def normalize(image: Tensor, cfg: InputConfig) -> Tensor:
 
 
 def resize(x: Tensor, scale: float, rounding: str, mode: str = "bilinear") -> Tensor:
-    """Resize (C, H, W) by ``scale``: sizes floored as torchvision or rounded as Detectron2, and
-    at least 1 pixel, so that a panorama such as 2x3000 (0.9x1333 at scale 0.44) still runs
-    where both would stop with an empty output size.
-
-    With floored sizes this is torchvision's call (``scale_factor`` with
-    ``recompute_scale_factor=True`` samples at the ratio of input to floored output size)."""
+    """Resize (C, H, W) to ``resized_size``. With floored sizes this is torchvision's call
+    (``scale_factor`` with ``recompute_scale_factor=True`` samples at the ratio of input to
+    floored output size)."""
     h, w = x.shape[-2:]
-    offset = 0.0 if rounding == "floor" else 0.5
-    size = (max(1, int(h * scale + offset)), max(1, int(w * scale + offset)))
+    size = resized_size((h, w), scale, rounding)
     if size == (h, w):
         return x
     if x.numel() == 0:  # an image without instances has a (0, H, W) mask stack
@@ -61,6 +66,8 @@ def preprocess(images: list[Tensor], targets: list[dict] | None, cfg: InputConfi
     input-pixel boxes to the coordinates of that image's GT masks: compact masks stay at the
     original resolution and are only cut at RoIs, dense (G, H, W) masks are resized here.
     """
+    if not images:
+        raise ValueError("the batch has no images")
     resized, new_targets, mask_scales = [], [], []
     for i, image in enumerate(images):
         try:

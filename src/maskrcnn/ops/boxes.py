@@ -6,9 +6,14 @@ import torch
 from torch import Tensor
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 and float64 stay; half precisions become float32 (products of half-precision
+    box sides overflow past 65504, and sums of many terms lose their precision)."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
 def _upcast(boxes: Tensor) -> Tensor:
-    # products of half-precision sides overflow past 65504
-    return boxes if boxes.dtype in (torch.float32, torch.float64) else boxes.float()
+    return boxes.to(compute_dtype(boxes.dtype))
 
 
 def box_area(boxes: Tensor) -> Tensor:

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from maskrcnn.ops.boxes import compute_dtype
+
 _PAIRS = 1 << 20  # candidate pairs examined at once: bounds memory when most boxes overlap
 
 
@@ -117,8 +119,7 @@ def _nms(boxes: Tensor, scores: Tensor, groups: Tensor | None, iou_threshold: fl
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     order = scores.sort(stable=True, descending=True).indices
     ordered = boxes.detach()[order]
-    if ordered.dtype not in (torch.float32, torch.float64):
-        ordered = ordered.float()
+    ordered = ordered.to(compute_dtype(ordered.dtype))
     # GPU boxes come over once (N x 4); the bookkeeping is numpy's, on the calling thread
     coords = ordered.cpu().numpy()
     g = None if groups is None else groups[order].cpu().numpy()

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from maskrcnn.ops.boxes import compute_dtype
+
 _CHUNK_ENTRIES = 1 << 21  # nonzeros of S built at once: bounds memory for large sampling grids
 _CHANNEL_BLOCK = 32  # channels per sparse product; measured fastest for NCHW input on CPU
 
@@ -133,10 +135,6 @@ def _operator(rois: Tensor, k0: int, k1: int, y, x, shape, transpose: bool):
     return s, _by_rows(cols[order], rows[order], values[order], n * h * w)
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
-
-
 def _channel_blocks(input: Tensor) -> list[tuple[int, int]]:
     """Channel ranges processed together. An NCHW map is turned into channels-last rows a few
     channels at a time, so each block's rows stay in cache; channels-last maps need no change."""
@@ -160,7 +158,7 @@ class _RoIAlign(torch.autograd.Function):
     def forward(ctx, input, rois, output_size, spatial_scale, sampling_ratio, aligned, needs_grad):
         n, c, h, w = input.shape
         ph, pw = output_size
-        dtype = _compute_dtype(input.dtype)
+        dtype = compute_dtype(input.dtype)
         offset = 0.5 if aligned else 0.0
         # scaled in double and rounded once, as the reference kernel does
         x1, y1, x2, y2 = (rois[:, 1:].double() * spatial_scale - offset).to(dtype).unbind(1)
@@ -188,7 +186,7 @@ class _RoIAlign(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         n, c, h, w = ctx.input_shape
-        dtype = _compute_dtype(grad_out.dtype)
+        dtype = compute_dtype(grad_out.dtype)
         grad = torch.empty(ctx.input_shape, dtype=ctx.input_dtype, device=grad_out.device,
                            memory_format=ctx.fmt)
         blocks = _channel_blocks(grad)
@@ -203,15 +201,25 @@ class _RoIAlign(torch.autograd.Function):
         return grad, None, None, None, None, None, None
 
 
-def _as_rois(boxes, input: Tensor) -> Tensor:
-    """(K, 5) ``[batch_index, x1, y1, x2, y2]`` rows from a tensor of rows or a list of (K_i, 4)."""
+def as_rois(boxes, input: Tensor) -> Tensor:
+    """(K, 5) ``[batch_index, x1, y1, x2, y2]`` rows on ``input``'s device, from a tensor of
+    rows or a list of per-image (K_i, 4); batch indices must be integers in [0, N)."""
     if isinstance(boxes, (list, tuple)):
         boxes = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], 1)
                            for i, b in enumerate(boxes)])
     if boxes.dim() != 2 or boxes.shape[1] != 5:
         raise ValueError(f"boxes must be (K, 5) [batch, x1, y1, x2, y2] or a list of (K_i, 4), "
                          f"got {tuple(boxes.shape)}")
-    return boxes.detach().to(device=input.device)
+    rois = boxes.detach().to(device=input.device)
+    batch = rois[:, 0]
+    if bool(((batch < 0) | (batch >= input.shape[0]) | (batch != batch.floor())).any()):
+        raise ValueError(f"box batch indices must be integers in [0, {input.shape[0]})")
+    return rois
+
+
+def empty_pool(input: Tensor, output_size: tuple[int, int]) -> Tensor:
+    """(0, C, PH, PW): an empty slice of ``input``, which keeps the autograd graph whole."""
+    return input[:0, :, :1, :1].expand(0, -1, *output_size)
 
 
 def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0,
@@ -230,12 +238,9 @@ def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0,
     """
     if isinstance(output_size, int):
         output_size = (output_size, output_size)
-    rois = _as_rois(boxes, input)
-    if rois.shape[0] == 0:  # an empty slice of the input keeps the autograd graph whole
-        return input[:0, :, :1, :1].expand(0, -1, *output_size)
-    batch = rois[:, 0]
-    if bool(((batch < 0) | (batch >= input.shape[0]) | (batch != batch.floor())).any()):
-        raise ValueError(f"box batch indices must be integers in [0, {input.shape[0]})")
+    rois = as_rois(boxes, input)
+    if rois.shape[0] == 0:
+        return empty_pool(input, output_size)
     # forward runs without grad mode, so whether S^T will be needed is decided here
     needs_grad = torch.is_grad_enabled() and input.requires_grad
     # autocast must not lower the sums' precision; the output keeps the input's dtype

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from maskrcnn.ops.roi_align import _as_rois
+from maskrcnn.ops.boxes import compute_dtype
+from maskrcnn.ops.roi_align import as_rois, empty_pool
 
 _CHUNK_ELEMENTS = 1 << 22  # gathered candidates per chunk of RoIs
 
@@ -80,7 +81,7 @@ class _RoIPool(torch.autograd.Function):
     def forward(ctx, input, rois, output_size, spatial_scale):
         ph, pw = output_size
         n, c, h, w = input.shape
-        dtype = input.dtype if input.dtype in (torch.float32, torch.float64) else torch.float32
+        dtype = compute_dtype(input.dtype)
         corners = _round_half_away(rois[:, 1:].double() * spatial_scale).long()
         x0, y0, x1, y1 = corners.unbind(1)
         y = _bins(y0, (y1 - y0 + 1).clamp(min=1), ph, h, dtype)  # malformed RoIs count as 1x1
@@ -125,9 +126,9 @@ def roi_pool(input: Tensor, boxes, output_size, spatial_scale: float = 1.0) -> T
     """
     if isinstance(output_size, int):
         output_size = (output_size, output_size)
-    rois = _as_rois(boxes, input)
-    if rois.shape[0] == 0:  # an empty slice of the input keeps the autograd graph whole
-        return input[:0, :, :1, :1].expand(0, -1, *output_size)
+    rois = as_rois(boxes, input)
+    if rois.shape[0] == 0:
+        return empty_pool(input, output_size)
     return _RoIPool.apply(input, rois, tuple(output_size), float(spatial_scale))
 
 
