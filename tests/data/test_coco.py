@@ -127,3 +127,36 @@ def test_dataset_pickles_for_loader_workers(small_coco):
     assert all(isinstance(s, (dict, list)) for r in ds._records for s in r.segmentations)
     assert all(isinstance(p, np.ndarray) for r in ds._records for s in r.segmentations
                if isinstance(s, list) for p in s)
+
+
+def test_ground_truth_is_exactly_what_the_data_set_kept(tmp_path):
+    """Skipped annotations and images, and the annotations of skipped images, are left out;
+    crowd regions of kept images stay in (the evaluator needs them); records are unchanged."""
+    images = [{"id": i, "file_name": f"{i}.png", "height": 30, "width": 30} for i in (1, 2, 3, 4)]
+    anns = [{"id": 1, "image_id": 1, "category_id": 7, "bbox": [0, 0, 10, 10]},
+            {"id": 2, "image_id": 1, "category_id": 3, "bbox": [0, 0, 10, 10], "segmentation": "a polygon"},
+            {"id": 3, "image_id": 2, "category_id": 3, "bbox": [5, 5, 10, 10], "iscrowd": 1},
+            {"id": 4, "image_id": 3, "category_id": 3, "bbox": [5, 5, 10, 10], "area": 100, "iscrowd": 0},
+            {"id": 5, "image_id": 1, "category_id": 3, "bbox": [40, 0, 5, 5]}]
+    path, img_dir = write_coco(tmp_path, images, anns)
+    (img_dir / "3.png").unlink()
+    ds = CocoDataset(path, img_dir, skip_bad=True)
+    assert ds.skipped == {"segmentation": 1, "bbox-outside": 1, "image-missing": 1,
+                          "annotation-of-skipped-image": 1}
+    gt = ds.ground_truth()
+    assert gt["images"] == [images[0], images[1], images[3]]
+    assert gt["annotations"] == [anns[0], anns[2]]
+    assert gt["categories"] == [{"id": 7, "name": "cat"}, {"id": 3, "name": "dog"}]
+    dropped = CocoDataset(path, img_dir, skip_bad=True, drop_empty=True).ground_truth()
+    assert [img["id"] for img in dropped["images"]] == [1]  # image 2 holds only a crowd region
+    assert dropped["annotations"] == [anns[0]]
+    assert pickle.loads(pickle.dumps(ds)).ground_truth() == gt
+
+
+def test_ground_truth_refuses_a_file_changed_after_construction(small_coco):
+    (path, images), _ = small_coco
+    ds = CocoDataset(path, images)
+    assert len(ds.ground_truth()["annotations"]) == 4
+    path.write_text(path.read_text().replace('"iscrowd": 1', '"iscrowd": 0 '))
+    with pytest.raises(DataError, match="changed after the data set was built"):
+        ds.ground_truth()

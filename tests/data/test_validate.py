@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from coco_files import rle_json, write_coco
+from coco_files import rle_json, uncompressed_rle, write_coco
 from maskrcnn.data.coco import CocoDataset
 from maskrcnn.data.validate import DataError, check_coco
 
@@ -134,8 +134,8 @@ def test_records_of_any_wrong_type_never_raise(tmp_path):
     rng = random.Random(0)
     junk = [None, True, 3, -1.5, float("inf"), "x", [], [1, "a"], {}, {"id": []}, [[1, 2]], {"counts": 5},
             {"size": [2, 2], "counts": "0"}, {"size": "2x2", "counts": []}, [None, None, None, None]]
-    keys = ["id", "image_id", "category_id", "bbox", "segmentation", "iscrowd", "file_name", "height",
-            "width", "name", "size", "counts"]
+    keys = ["id", "image_id", "category_id", "bbox", "segmentation", "iscrowd", "area", "file_name",
+            "height", "width", "name", "size", "counts"]
     for trial in range(150):
         def record():
             if rng.random() < 0.1:
@@ -189,3 +189,48 @@ def test_skip_bad_drops_bad_records_and_counts_them(tmp_path):
     assert "1 bbox-size" in ds.skipped_summary() and "\n" not in ds.skipped_summary()
     _, target = ds[0]
     assert target["image_id"] == 1 and len(target["labels"]) == 0  # all of image 1's annotations were bad
+
+
+def test_an_area_when_given_must_be_a_non_negative_number(tmp_path):
+    images = [{"id": 1, "file_name": "a.png", "height": 40, "width": 50}]
+    a = {"image_id": 1, "category_id": 3, "bbox": [4, 3, 3, 6]}
+    anns = [{**a, "id": 1}, {**a, "id": 2, "area": 18}, {**a, "id": 3, "area": 0.5},
+            {**a, "id": 4, "area": "18"}, {**a, "id": 5, "area": -1}, {**a, "id": 6, "area": None}]
+    path, img_dir = write_coco(tmp_path, images, anns)
+    problems = check_coco(path, img_dir)
+    assert [p.annotation_id for p in problems] == [4, 5, 6] and {p.kind for p in problems} == {"area"}
+    assert str(problems[1]) == (f"{path}: annotation 5 (image 1): area -1 must be a non-negative number "
+                                "of pixels; fix it, or remove the key and evaluation computes it")
+
+
+def test_what_the_checker_accepts_evaluates_with_the_same_masks_as_training(tmp_path):
+    """Every optional-field variant check_coco accepts: coco_metrics scores it, and predictions
+    equal to the training targets (boxes and masks) score AP 1."""
+    import torch
+
+    from maskrcnn.evaluation.coco_eval import coco_metrics, predictions_to_coco
+
+    mask, strip = np.zeros((40, 50), np.uint8), np.zeros((40, 50), np.uint8)
+    mask[20:30, 30:45] = 1
+    strip[32:38, 2:20] = 1
+    images = [{"id": 1, "file_name": "a.png", "height": 40, "width": 50}]
+    a = {"image_id": 1, "category_id": 3}
+    anns = [{**a, "id": 1, "bbox": [2, 2, 8, 6]},
+            {**a, "id": 2, "bbox": [12, 2, 8, 6], "segmentation": None, "iscrowd": 0},
+            {**a, "id": 3, "bbox": [22, 2, 8, 6], "segmentation": []},
+            {**a, "id": 4, "bbox": [32, 2, 8, 6], "iscrowd": 0, "area": 48},
+            {**a, "id": 5, "bbox": [2, 20, 8, 8], "segmentation": [[2, 20, 10, 20, 10, 28, 2, 28]]},
+            {**a, "id": 6, "bbox": [30, 20, 15, 10], "segmentation": rle_json(mask)},
+            {**a, "id": 7, "bbox": [2, 32, 18, 6], "segmentation": uncompressed_rle(strip)},
+            {**a, "id": 8, "bbox": [12, 20, 8, 8], "iscrowd": 1}]
+    path, img_dir = write_coco(tmp_path, images, anns)
+    assert check_coco(path, img_dir) == []
+    ds = CocoDataset(path, img_dir)
+    target = ds.target(0)
+    masks = target["masks"].to_tensor()
+    output = {"boxes": target["boxes"], "labels": target["labels"], "masks": masks,
+              "scores": torch.linspace(0.9, 0.4, len(masks))}
+    results = predictions_to_coco([output], [1], ds.label_to_category)
+    for source in (path, ds.ground_truth()):
+        metrics = coco_metrics(source, results)
+        assert metrics["bbox"]["AP"] == pytest.approx(1.0) and metrics["segm"]["AP"] == pytest.approx(1.0)

@@ -170,3 +170,90 @@ def test_evaluate_runs_the_model_and_writes_a_loadable_results_file(gt_file, tmp
     COCO(str(gt_file)).loadRes(str(tmp_path / "out" / "r.json"))
     table = format_table(metrics)
     assert "cat" in table and "dog" in table and "100.0" in table
+
+
+def write_json(path, data):
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_ground_truth_with_only_the_required_fields_is_evaluated(tmp_path):
+    """Labelling tools often write annotations without iscrowd, area and segmentation: what
+    check_coco accepts is scored, each box standing in for its mask as a rectangle."""
+    from maskrcnn.data.validate import check_coco
+
+    images = [{"id": 1, "file_name": "1.png", "height": H, "width": W}]
+    anns = [{"id": 1, "image_id": 1, "category_id": 7, "bbox": [5, 10, 20, 10]}]
+    path = write_json(tmp_path / "minimal.json", {"images": images, "annotations": anns, "categories": CATEGORIES})
+    Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(tmp_path / "1.png")
+    text = path.read_text()
+    assert check_coco(path, tmp_path) == []
+
+    def detection(mask):
+        return {"boxes": torch.tensor([[5.0, 10, 25, 20]]), "labels": torch.tensor([2]),
+                "scores": torch.tensor([0.9]), "masks": torch.from_numpy(mask)[None]}
+
+    metrics = coco_metrics(path, predictions_to_coco([detection(box_mask(5, 10, 20, 10))], [1], [3, 7]))
+    assert metrics["bbox"]["AP"] == pytest.approx(1.0) and metrics["segm"]["AP"] == pytest.approx(1.0)
+    assert metrics["bbox"]["APs"] == pytest.approx(1.0) and metrics["bbox"]["APm"] is None  # area 200
+    half = coco_metrics(path, predictions_to_coco([detection(box_mask(5, 10, 10, 10))], [1], [3, 7]))
+    assert half["bbox"]["AP"] == pytest.approx(1.0)
+    # IoU 0.5 with the rectangle: a match at the 0.5 threshold only, 1 of AP's 10
+    assert half["segm"]["AP50"] == pytest.approx(1.0) and half["segm"]["AP75"] == pytest.approx(0.0)
+    assert half["segm"]["AP"] == pytest.approx(0.1)
+    assert path.read_text() == text  # completed on a copy
+
+
+def triangle_and_box(triangle_box, **extra):
+    """A 100x100 image with a thin triangle (900 px) drawn in ``triangle_box`` and a box
+    without a mask (40x40 = 1600 px); ``extra`` goes into the triangle's annotation."""
+    return {"images": [{"id": 1, "file_name": "1.png", "height": 100, "width": 100}],
+            "categories": CATEGORIES,
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 7, "bbox": triangle_box,
+                             "segmentation": [[0, 0, 60, 0, 0, 30]], **extra},
+                            {"id": 2, "image_id": 1, "category_id": 7, "bbox": [50, 50, 40, 40]}]}
+
+
+def test_a_missing_area_is_the_segmentations_else_the_boxs():
+    """Small is under 32^2 px, medium under 96^2: the area decides which AP counts an instance."""
+    metrics = coco_metrics(triangle_and_box([0, 0, 60, 30]), [])
+    for kind in ("bbox", "segm"):
+        assert metrics[kind]["APs"] == 0.0 and metrics[kind]["APm"] == 0.0 and metrics[kind]["APl"] is None
+    wide_box = coco_metrics(triangle_and_box([0, 0, 60, 60]), [])  # the box (3600 px) would be medium
+    assert wide_box["bbox"]["APs"] == 0.0 and wide_box["segm"]["APs"] == 0.0
+    given = coco_metrics(triangle_and_box([0, 0, 60, 30], area=5000.0), [])  # a given area is kept
+    assert given["bbox"]["APs"] is None and given["segm"]["APs"] is None
+
+
+def test_a_ground_truth_dict_passed_in_is_not_changed():
+    gt = triangle_and_box([0, 0, 60, 30])
+    before = json.loads(json.dumps(gt))
+    results = [{"image_id": 1, "category_id": 7, "bbox": [50, 50, 40, 40], "score": 0.9}]
+    assert coco_metrics(gt, results)["bbox"]["APm"] == pytest.approx(1.0)
+    assert gt == before
+
+
+def test_a_coco_object_passed_in_is_not_changed(gt_file):
+    coco = COCO(str(gt_file))
+    before = json.loads(json.dumps(coco.dataset))
+    metrics = coco_metrics(coco, predictions_to_coco(perfect_outputs(gt_file), [1, 2, 3], [3, 7]))
+    assert metrics["segm"]["AP"] == pytest.approx(1.0)
+    assert coco.dataset == before
+
+
+@pytest.mark.parametrize("bad", [
+    {"segmentation": "a polygon"},  # pycocotools: "string indices must be integers"
+    {"bbox": [60, 10, 5, 5], "segmentation": [[5, 5, 9, 5, 9, 9]]},  # outside: a miss, if scored
+])
+def test_evaluate_scores_only_what_a_skip_bad_dataset_kept(gt_file, tmp_path, bad):
+    from maskrcnn.data.coco import CocoDataset
+
+    outputs = perfect_outputs(gt_file)
+    data = json.loads(gt_file.read_text())
+    data["annotations"].append({"id": 99, "image_id": 1, "category_id": 3, "bbox": [1, 1, 5, 5],
+                                "area": 25, "iscrowd": 0, **bad})
+    path = write_json(tmp_path / "with_bad.json", data)
+    dataset = CocoDataset(path, tmp_path, skip_bad=True)
+    assert sum(dataset.skipped.values()) == 1
+    metrics = evaluate(GroundTruthModel(outputs), dataset, device="cpu", progress=False)
+    assert metrics["bbox"]["AP"] == pytest.approx(1.0) and metrics["segm"]["AP"] == pytest.approx(1.0)

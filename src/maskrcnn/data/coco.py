@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from maskrcnn.data.transforms import load_image
-from maskrcnn.data.validate import DataError, Problem, format_problems, read_and_check
+from maskrcnn.data.validate import DataError, Problem, format_problems, read_and_check, read_json
 from maskrcnn.structures.masks import PolygonMasks, RLEMasks
 
 
@@ -34,6 +34,7 @@ class CocoDataset:
     The file and (with ``check_images``) the image files are validated on construction:
     problems raise ``DataError`` listing them all, or with ``skip_bad=True`` the bad records
     are dropped and counted in ``skipped`` (problem kind -> records dropped).
+    ``ground_truth()`` gives what the data set kept as a COCO dict, which evaluation scores.
 
     >>> ds = CocoDataset("data/shapes/train.json", "data/shapes/train")  # doctest: +SKIP
     >>> image, target = ds[0]  # doctest: +SKIP
@@ -45,12 +46,14 @@ class CocoDataset:
                  skip_bad: bool = False, transforms=None, check_images: bool = True):
         self.annotation_json, self.image_dir = str(annotation_json), Path(image_dir)
         self.transforms = transforms
+        self._file_state = _file_state(annotation_json)
         data, problems = read_and_check(annotation_json, image_dir, check_images=check_images)
         fatal = [p for p in problems if p.where is None]
         if data is None or fatal or (problems and not skip_bad):
             raise DataError(_error_text(self.annotation_json, problems, skip_bad))
         self.skipped: Counter = Counter()
         bad = self._bad_records(problems)
+        self._bad = frozenset(bad)
 
         categories = [c for k, c in enumerate(data["categories"]) if ("categories", k) not in bad]
         categories.sort(key=lambda c: c["id"])
@@ -84,6 +87,22 @@ class CocoDataset:
                 bad.add(p.where)
                 self.skipped[p.kind] += 1
         return bad
+
+    def ground_truth(self) -> dict:
+        """The COCO instances dict of exactly what the data set kept: ``images`` (those of
+        ``image_ids``), all their ``annotations`` that passed the checks (crowd regions included)
+        and the kept ``categories``, each record as the file has it. Skipped records are left out.
+
+        Read again from the file, which must not have changed since construction (else
+        ``DataError``), so the data set holds no second copy of the annotations.
+        """
+        if _file_state(self.annotation_json) != self._file_state:
+            raise DataError(f"{self.annotation_json} changed after the data set was built from it; "
+                            "build the data set again to evaluate on the new file")
+        data, problems = read_json(self.annotation_json)
+        if data is None:
+            raise DataError(format_problems(problems))
+        return _kept_records(data, self._bad, {r.image_id for r in self._records})
 
     @property
     def num_classes(self) -> int:
@@ -170,6 +189,26 @@ class _Record:
             masks = PolygonMasks(self.segmentations, self.height, self.width)
         return {"boxes": torch.from_numpy(self.boxes.copy()), "labels": torch.from_numpy(self.labels.copy()),
                 "masks": masks, "image_id": self.image_id, "orig_size": (self.height, self.width)}
+
+
+def _file_state(path: str | Path) -> tuple[int, int] | None:
+    """(size, modification time in ns) of a file, None if it is missing or out of reach."""
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _kept_records(data: dict, bad: frozenset[tuple[str, int]], image_ids: set[int]) -> dict:
+    """The COCO dict of the records not in ``bad`` (``(section, position)`` pairs): the
+    categories, the images with an id in ``image_ids`` and the annotations of those images."""
+    def kept(section: str) -> list:
+        return [r for k, r in enumerate(data[section]) if (section, k) not in bad]
+
+    return {"images": [img for img in kept("images") if img["id"] in image_ids],
+            "annotations": [a for a in kept("annotations") if a["image_id"] in image_ids],
+            "categories": kept("categories")}
 
 
 def _error_text(name: str, problems: list[Problem], skip_bad: bool) -> str:

@@ -7,6 +7,13 @@ Each problem is one line naming the file, the record and what to do, e.g.::
 
 Nothing here raises on bad input: a file that is not JSON, not an object, or holds records of
 the wrong types yields problems, never a traceback.
+
+An annotation needs ``id``, ``image_id``, ``category_id`` and ``bbox``. ``iscrowd``, ``area`` and
+``segmentation`` are optional, as labelling tools often leave them out, and are checked when
+present; training and evaluation both accept every file without problems here: without
+``iscrowd`` an instance is not a crowd, without ``area`` the evaluator computes it (from the
+segmentation, else the box), and without a segmentation (missing, null or ``[]``) the box stands
+in for the mask, as a rectangle, in training targets and in mask AP alike.
 """
 
 from __future__ import annotations
@@ -240,6 +247,9 @@ class _Checker:
                                               f"{' ...' if len(known) > 20 else ''})"))
         if ann.get("iscrowd", 0) not in (0, 1):
             found.append(("type", f"iscrowd {_show(ann['iscrowd'])} must be 0 or 1"))
+        if "area" in ann and not (_is_number(ann["area"]) and ann["area"] >= 0):
+            found.append(("area", f"area {_show(ann['area'])} must be a non-negative number of pixels; "
+                                  "fix it, or remove the key and evaluation computes it"))
         found += _bbox_problems(ann["bbox"], image)
         found += _segmentation_problems(ann.get("segmentation"), image)
         return found

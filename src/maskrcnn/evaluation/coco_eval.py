@@ -9,8 +9,15 @@ Two details decide whether numbers match other implementations:
   small/medium/large bucket for masks; Detectron2 and torchvision evaluate masks this way too.
   The results file keeps both fields.
 
-Crowd regions need nothing here: pycocotools reads ``iscrowd`` from the ground-truth file and
-does not count detections that fall on them as false positives.
+Crowd regions need nothing here: pycocotools reads ``iscrowd`` from the ground truth and does
+not count detections that fall on them as false positives.
+
+Ground truth that ``check_coco`` accepts is evaluated as it is, even where labelling tools left
+out fields pycocotools needs. pycocotools gets a completed copy (the file and the objects passed
+in are never changed): a missing ``iscrowd`` is 0, a missing ``area`` is the segmentation's pixel
+area, or the box's w * h without one, and an annotation without a segmentation (missing, null or
+``[]``) has its box, clipped to the image, as a rectangle mask, which is the mask ``CocoDataset``
+trains on, so mask AP scores such instances against their box.
 """
 
 from __future__ import annotations
@@ -91,11 +98,78 @@ def predictions_to_coco(outputs: Sequence[dict], image_ids: Sequence[int],
     return results
 
 
-def _load_gt(annotations: str | Path | COCO) -> COCO:
+def _box_polygon(bbox: Sequence[float], image: dict) -> list[list[float]]:
+    """COCO [x, y, w, h] -> the box clipped to the image as one rectangle polygon, as
+    ``CocoDataset`` builds the mask of an annotation without a segmentation.
+
+    >>> _box_polygon([-2, 1, 10, 4], {"height": 4, "width": 6})
+    [[0.0, 1.0, 6.0, 1.0, 6.0, 4.0, 0.0, 4.0]]
+    """
+    x, y, w, h = (float(v) for v in bbox)
+    width, height = float(image["width"]), float(image["height"])
+    x1, x2 = min(max(x, 0.0), width), min(max(x + w, 0.0), width)
+    y1, y2 = min(max(y, 0.0), height), min(max(y + h, 0.0), height)
+    return [[x1, y1, x2, y1, x2, y2, x1, y2]]
+
+
+def _segmentation_area(segmentation, image: dict) -> float:
+    """Pixel area of a COCO segmentation: polygons, compressed or uncompressed RLE."""
+    height, width = image["height"], image["width"]
+    if isinstance(segmentation, list):
+        rle = mask_util.merge(mask_util.frPyObjects(segmentation, height, width))
+    elif isinstance(segmentation["counts"], list):
+        rle = mask_util.frPyObjects(segmentation, height, width)
+    else:
+        rle = segmentation
+    return float(mask_util.area(rle))
+
+
+def _complete_annotation(ann: dict, image: dict | None) -> dict:
+    """A copy of ``ann`` with ``iscrowd``, ``segmentation`` and ``area`` as pycocotools reads them.
+
+    Missing ``iscrowd`` -> 0; missing, null or empty ``segmentation`` -> the box (clipped to
+    ``image``) as a rectangle polygon; missing ``area`` -> the given segmentation's pixel area,
+    or the box's w * h without one. ``image`` is None for an annotation of an unknown image,
+    which pycocotools never reads.
+
+    >>> a = _complete_annotation({"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 4]},
+    ...                          {"height": 10, "width": 10})
+    >>> a["iscrowd"], a["area"], a["segmentation"]
+    (0, 12.0, [[1.0, 2.0, 4.0, 2.0, 4.0, 6.0, 1.0, 6.0]])
+    """
+    out = dict(ann)
+    out.setdefault("iscrowd", 0)
+    segmentation = ann.get("segmentation")
+    if "area" not in ann:
+        w, h = ann["bbox"][2:]
+        has_mask = bool(segmentation) and image is not None
+        out["area"] = _segmentation_area(segmentation, image) if has_mask else float(w * h)
+    if not segmentation and image is not None:
+        out["segmentation"] = _box_polygon(ann["bbox"], image)
+    return out
+
+
+def _complete_ground_truth(data: dict) -> dict:
+    """A COCO instances dict with every annotation completed by :func:`_complete_annotation`;
+    ``data`` and its records are not changed."""
+    images = {img["id"]: img for img in data["images"]}
+    return {**data, "images": list(data["images"]), "categories": list(data["categories"]),
+            "annotations": [_complete_annotation(a, images.get(a["image_id"])) for a in data["annotations"]]}
+
+
+def _load_gt(annotations: str | Path | dict | COCO) -> COCO:
+    """The ground truth as pycocotools evaluates it: a new ``COCO`` of the completed records."""
     if isinstance(annotations, COCO):
-        return annotations
+        data = annotations.dataset
+    elif isinstance(annotations, dict):
+        data = annotations
+    else:
+        data = json.loads(Path(annotations).read_text(encoding="utf-8"))
+    gt = COCO()
+    gt.dataset = _complete_ground_truth(data)
     with contextlib.redirect_stdout(io.StringIO()):
-        return COCO(str(annotations))
+        gt.createIndex()
+    return gt
 
 
 def _load_results(gt: COCO, results: list[dict]) -> COCO:
@@ -106,7 +180,8 @@ def _load_results(gt: COCO, results: list[dict]) -> COCO:
     empty = COCO()
     empty.dataset = {"images": list(gt.dataset["images"]), "categories": list(gt.dataset["categories"]),
                      "annotations": []}
-    empty.createIndex()
+    with contextlib.redirect_stdout(io.StringIO()):
+        empty.createIndex()
     return empty
 
 
@@ -114,9 +189,14 @@ def _undefined_to_none(value: float) -> float | None:
     return None if value < 0 else float(value)  # pycocotools' -1: no ground truth in this range
 
 
-def coco_metrics(annotations: str | Path | COCO, results: list[dict],
+def coco_metrics(annotations: str | Path | dict | COCO, results: list[dict],
                  image_ids: Sequence[int] | None = None) -> dict:
     """pycocotools' AP for "bbox" and "segm", and per-category AP (IoU 0.5:0.95, all areas).
+
+    ``annotations`` is the ground truth: a COCO instances file, its parsed dict (e.g.
+    ``CocoDataset.ground_truth()``) or a ``COCO`` object. Missing ``iscrowd``, ``area`` and
+    ``segmentation`` are filled in on a copy as the module docstring says; an annotation
+    without a segmentation counts for mask AP with its box as a rectangle mask.
 
     Returns ``{"bbox": {AP, AP50, AP75, APs, APm, APl}, "segm": {...}, "per_category":
     {name: {"bbox": AP, "segm": AP}}}``, fractions in [0, 1]; ``None`` where the ground truth
@@ -152,6 +232,8 @@ def evaluate(model: torch.nn.Module, dataset, *, batch_size: int = 1, device: st
     """Run ``model`` on every image of a ``CocoDataset`` and score it with pycocotools.
 
     The model runs in eval mode under ``torch.inference_mode`` (its mode is restored after).
+    The ground truth is ``dataset.ground_truth()``: exactly the images and annotations the data
+    set kept (records it skipped with ``skip_bad`` are neither run nor scored).
     ``out_json`` receives the COCO results file. Returns :func:`coco_metrics`' dict.
 
     >>> metrics = evaluate(model, CocoDataset("val.json", "val"), out_json="results.json")  # doctest: +SKIP
@@ -179,7 +261,7 @@ def evaluate(model: torch.nn.Module, dataset, *, batch_size: int = 1, device: st
         out_json = Path(out_json)
         out_json.parent.mkdir(parents=True, exist_ok=True)
         out_json.write_text(json.dumps(results))
-    return coco_metrics(dataset.annotation_json, results, dataset.image_ids)
+    return coco_metrics(dataset.ground_truth(), results, dataset.image_ids)
 
 
 def format_table(metrics: dict) -> str:
