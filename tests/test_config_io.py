@@ -60,12 +60,23 @@ def test_unknown_keys_are_named_with_their_file(tmp_path):
     ("solver: [1, 2\n", "not valid YAML"),
     ("- 1\n- 2\n", "expected a mapping"),
     ("solver: {amp: maybe}\n", "expects true/false"),
+    ("solver: {log_period: 0}\n", r"solver\.log_period: expects a whole number >= 1, got 0"),
+    ("preset: small_cpu\nsolver: {ims_per_batch: 0}\n", r"solver\.ims_per_batch: expects a whole number >= 1"),
+    ("model: {rpn: {loss_norm: Detectron2}}\n", r"model\.rpn\.loss_norm: unknown loss_norm 'Detectron2'"),
+    ("model: {input: {size_rounding: nearest}}\n", r"model\.input\.size_rounding: .*floor, round"),
 ])
 def test_mistakes_are_config_errors_naming_the_file(tmp_path, text, message):
     path = write(tmp_path / "c.yaml", text)
     with pytest.raises(ConfigError, match=message) as info:
         load_config(path)
     assert "c.yaml" in str(info.value)
+
+
+def test_overrides_of_a_preset_or_file_are_validated():
+    with pytest.raises(ConfigError, match=r"solver\.log_period: expects a whole number >= 1, got 0"):
+        load_config("small_cpu", ["solver.log_period=0"])
+    with pytest.raises(ConfigError, match=r"model\.roi_heads\.paste: unknown paste 'Detectron2'"):
+        load_config(CONFIGS / "paper_r50_fpn_1x.yaml", ["model.roi_heads.paste=Detectron2"])
 
 
 def test_a_missing_file_is_a_config_error(tmp_path):

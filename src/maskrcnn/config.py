@@ -14,6 +14,48 @@ import dataclasses
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+RESNET_DEPTHS = (18, 34, 50, 101, 152)
+CHANNEL_ORDERS = ("RGB", "BGR")
+SIZE_ROUNDINGS = ("floor", "round")
+NORMS = ("FrozenBN", "BN", "GN")
+LOSS_NORMS = ("torchvision", "detectron2")
+MASK_TARGETS = ("roi_align_soft", "binary")
+PASTE_MODES = ("torchvision", "detectron2")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("multistep", "cosine")
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake (unknown key, wrong type, value out of range)."""
+
+
+def _key(section: str, name: str) -> str:
+    return f"{section}.{name}" if section else name
+
+
+def _at_least(config: Any, section: str, minimum: int, *names: str) -> None:
+    """Refuse any named integer field (or entry of a tuple field) below ``minimum``."""
+    for name in names:
+        value = getattr(config, name)
+        if any(v < minimum for v in (value if isinstance(value, tuple) else (value,))):
+            what = "whole numbers" if isinstance(value, tuple) else "a whole number"
+            raise ConfigError(f"{_key(section, name)}: expects {what} >= {minimum}, got {value!r}")
+
+
+def _not_empty(config: Any, section: str, *names: str) -> None:
+    """Refuse an empty tuple in any named field."""
+    for name in names:
+        if not getattr(config, name):
+            raise ConfigError(f"{_key(section, name)}: expects at least one value, got none")
+
+
+def _one_of(config: Any, section: str, name: str, allowed: tuple) -> None:
+    """Refuse a value of field ``name`` that is not in ``allowed`` (compared exactly)."""
+    value = getattr(config, name)
+    if value not in allowed:
+        raise ConfigError(f"{_key(section, name)}: unknown {name} {value!r}; "
+                          f"expects one of {', '.join(map(str, allowed))}")
+
 
 @dataclass(frozen=True)
 class InputConfig:
@@ -35,6 +77,13 @@ class InputConfig:
     # "round": int(x + 0.5) as Detectron2; "floor": as torchvision's interpolate.
     size_rounding: str = "floor"
 
+    def __post_init__(self) -> None:
+        _one_of(self, "model.input", "channel_order", CHANNEL_ORDERS)
+        _one_of(self, "model.input", "size_rounding", SIZE_ROUNDINGS)
+        _not_empty(self, "model.input", "min_size_train")
+        _at_least(self, "model.input", 1, "min_size_train", "min_size_test", "max_size")
+        _at_least(self, "model.input", 0, "size_divisibility")
+
 
 @dataclass(frozen=True)
 class BackboneConfig:
@@ -47,6 +96,12 @@ class BackboneConfig:
     freeze_at: int = 2  # 0: nothing frozen; 1: stem; 2: stem + res2; ...
     fpn: bool = True  # False: the C4 variant (RPN on C4, res5 as RoI head)
     fpn_channels: int = 256
+
+    def __post_init__(self) -> None:
+        _one_of(self, "model.backbone", "depth", RESNET_DEPTHS)
+        _one_of(self, "model.backbone", "norm", NORMS)
+        _at_least(self, "model.backbone", 1, "groups", "width_per_group", "fpn_channels")
+        _at_least(self, "model.backbone", 0, "freeze_at")
 
 
 @dataclass(frozen=True)
@@ -69,6 +124,12 @@ class RPNConfig:
     # "detectron2": both sums / (batch_size_per_image * N).
     loss_norm: str = "torchvision"
 
+    def __post_init__(self) -> None:
+        _one_of(self, "model.rpn", "loss_norm", LOSS_NORMS)
+        _not_empty(self, "model.rpn", "anchor_sizes")
+        _at_least(self, "model.rpn", 1, "anchor_sizes", "batch_size_per_image", "pre_nms_topk_train",
+                  "pre_nms_topk_test", "post_nms_topk_train", "post_nms_topk_test")
+
 
 @dataclass(frozen=True)
 class RoIHeadsConfig:
@@ -78,7 +139,7 @@ class RoIHeadsConfig:
     positive_fraction: float = 0.25
     box_pooler_resolution: int = 7
     mask_pooler_resolution: int = 14
-    pooler_sampling_ratio: int = 2
+    pooler_sampling_ratio: int = 2  # samples per bin and axis; 0: adaptive
     pooler_aligned: bool = False
     box_fc_dim: int = 1024
     box_reg_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)
@@ -94,6 +155,14 @@ class RoIHeadsConfig:
     # "torchvision": pad 1, integer box, +1 size; "detectron2": grid_sample at pixel centres.
     paste: str = "torchvision"
     mask_threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        _one_of(self, "model.roi_heads", "mask_target", MASK_TARGETS)
+        _one_of(self, "model.roi_heads", "paste", PASTE_MODES)
+        _at_least(self, "model.roi_heads", 1, "num_classes", "batch_size_per_image",
+                  "box_pooler_resolution", "mask_pooler_resolution", "box_fc_dim", "mask_conv_dims",
+                  "detections_per_img")
+        _at_least(self, "model.roi_heads", 0, "pooler_sampling_ratio")
 
 
 @dataclass(frozen=True)
@@ -122,9 +191,15 @@ class SolverConfig:
     clip_grad_norm: float = 0.0  # 0 disables
     amp: bool = True  # used only on CUDA
     bf16: bool = False  # opt-in bfloat16 autocast; ~2x faster on CPUs with bf16 instructions
-    checkpoint_period: int = 5000
+    checkpoint_period: int = 5000  # 0: only at the end
     eval_period: int = 0  # 0: only at the end
     log_period: int = 20
+
+    def __post_init__(self) -> None:
+        _one_of(self, "solver", "optimizer", OPTIMIZERS)
+        _one_of(self, "solver", "schedule", SCHEDULES)
+        _at_least(self, "solver", 1, "ims_per_batch", "log_period")
+        _at_least(self, "solver", 0, "max_iter", "warmup_iters", "checkpoint_period", "eval_period")
 
 
 @dataclass(frozen=True)
@@ -139,6 +214,9 @@ class DataConfig:
     num_workers: int = 2
     aspect_ratio_grouping: bool = True
 
+    def __post_init__(self) -> None:
+        _at_least(self, "data", 0, "num_workers")
+
 
 @dataclass(frozen=True)
 class Config:
@@ -148,6 +226,9 @@ class Config:
     output_dir: str = "runs/default"
     seed: int = 0
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        _at_least(self, "", 0, "seed")
 
 
 # ---------------------------------------------------------------------------- presets
@@ -243,33 +324,30 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-class ConfigError(ValueError):
-    """A user-facing configuration mistake (unknown key, wrong type)."""
-
-
 def from_dict(cls: type, data: dict, where: str = "") -> Any:
     """Build dataclass ``cls`` from nested dicts, rejecting unknown keys by name."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
-    known = {f.name: f for f in fields(cls)}
+    known, defaults = {f.name: f for f in fields(cls)}, cls()
     kwargs = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
         if key not in known:
             raise ConfigError(
                 f"unknown config key '{path}'; valid keys here: {', '.join(sorted(known))}")
-        kwargs[key] = _coerce(cls.__dataclass_fields__[key].type, getattr(cls(), key), value, path)
+        kwargs[key] = _coerce(getattr(defaults, key), value, path)
     return cls(**kwargs)
 
 
-def _coerce(type_hint: Any, default: Any, value: Any, path: str) -> Any:
+def _coerce(default: Any, value: Any, path: str) -> Any:
+    """``value`` converted to the type of the field's ``default``; ConfigError names ``path``."""
     if dataclasses.is_dataclass(default):
         return from_dict(type(default), value, path)
     if isinstance(default, tuple):
         if not isinstance(value, (list, tuple)):
             value = [value]
         inner = default[0] if default else value[0] if value else None
-        return tuple(_coerce(None, inner, v, path) for v in value)
+        return tuple(_coerce(inner, v, path) for v in value)
     if isinstance(default, bool):
         if isinstance(value, str):
             if value.lower() in ("true", "1", "yes"):
