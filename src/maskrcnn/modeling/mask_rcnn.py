@@ -15,7 +15,7 @@ from maskrcnn.modeling.box_head import BoxHead, BoxPredictor
 from maskrcnn.modeling.fpn import FPN
 from maskrcnn.modeling.mask_head import MaskHead
 from maskrcnn.modeling.poolers import MultiLevelRoIAlign
-from maskrcnn.modeling.resnet import BLOCKS, ResNet, fold_norms, fuse_block_ends, make_stage
+from maskrcnn.modeling.resnet import BLOCKS, ResNet, fold_norms, fuse_block_ends, make_stage, stage_options
 from maskrcnn.modeling.roi_heads import RoIHeads
 from maskrcnn.modeling.rpn import RPN, RPNHead
 from maskrcnn.modeling.transform import postprocess, preprocess
@@ -185,11 +185,8 @@ def _build_roi_heads(cfg: ModelConfig, backbone: Backbone) -> RoIHeads:
     else:
         # C4 (SPEC §5.1): pool 14x14 from C4, run res5 (stride 2) -> 7x7, shared by both branches.
         block, counts = BLOCKS[b.depth]
-        kw = dict(norm=b.norm, eps=b.norm_eps)
-        if b.depth >= 50:
-            kw.update(groups=b.groups, stride_in_1x1=b.stride_in_1x1)
-            if b.groups > 1 or b.width_per_group != 64:
-                kw["group_width"] = b.width_per_group * 8
+        kw = stage_options(block, 3, norm=b.norm, eps=b.norm_eps, groups=b.groups,
+                           width_per_group=b.width_per_group, stride_in_1x1=b.stride_in_1x1)
         res5 = make_stage(block, backbone.out_channels, 512, counts[3], 2, **kw)
         c = 512 * block.expansion
         box_pooler = MultiLevelRoIAlign(output_size=h.mask_pooler_resolution, strides=(16,), **pool)

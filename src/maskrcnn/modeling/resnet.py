@@ -164,6 +164,18 @@ BLOCKS = {18: (BasicBlock, [2, 2, 2, 2]), 34: (BasicBlock, [3, 4, 6, 3]),
           152: (Bottleneck, [3, 8, 36, 3])}
 
 
+def stage_options(block: type, index: int, *, norm: str, eps: float, groups: int = 1,
+                  width_per_group: int = 64, stride_in_1x1: bool = False) -> dict:
+    """``make_stage``'s keyword arguments for stage ``index`` (0: res2 ... 3: res5). ResNeXt
+    32x8d: the first stage's grouped conv is 32 * 8 = 256 wide, doubling per stage."""
+    kw = dict(norm=norm, eps=eps)
+    if block is Bottleneck:
+        kw.update(groups=groups, stride_in_1x1=stride_in_1x1)
+        if groups > 1 or width_per_group != 64:
+            kw["group_width"] = width_per_group * 2**index
+    return kw
+
+
 def make_stage(block: type, in_ch: int, width: int, count: int, stride: int, **kw) -> nn.Sequential:
     """``count`` blocks; the first carries the stride and the projection shortcut."""
     layers = []
@@ -190,15 +202,11 @@ class ResNet(nn.Module):
         self.bn1 = make_norm(norm, 64, eps)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
-        kw = dict(norm=norm, eps=eps)
-        if block is Bottleneck:
-            # ResNeXt 32x8d: the first stage's grouped conv is 32 * 8 = 256 wide, doubling per stage.
-            kw.update(groups=groups, stride_in_1x1=stride_in_1x1)
         in_ch, self.out_channels = 64, []
         for i, count in enumerate(counts if with_res5 else counts[:3]):
             width = 64 * 2**i
-            if block is Bottleneck and (groups > 1 or width_per_group != 64):
-                kw["group_width"] = width_per_group * 2**i
+            kw = stage_options(block, i, norm=norm, eps=eps, groups=groups,
+                               width_per_group=width_per_group, stride_in_1x1=stride_in_1x1)
             stage = make_stage(block, in_ch, width, count, 1 if i == 0 else 2, **kw)
             self.add_module(f"layer{i + 1}", stage)
             in_ch = width * block.expansion
