@@ -66,6 +66,50 @@ def test_predict_writes_overlays_results_and_masks(shapes, weights, tmp_path):
     assert list(out.glob("*_mask*.png"))
 
 
+def test_predict_names_outputs_of_inputs_with_one_stem_apart_and_records_coco_results(shapes, weights, tmp_path):
+    import pycocotools.mask as mask_util
+    from PIL import Image
+
+    val = sorted((shapes / "data" / "val").glob("*.png"))
+    inputs = [tmp_path / "a" / "x.png", tmp_path / "b" / "x.png"]
+    for source, target in zip(val, inputs):
+        target.parent.mkdir()
+        target.write_bytes(source.read_bytes())
+    sizes = [Image.open(p).size for p in inputs]
+    assert sizes[0] != sizes[1]
+    out = tmp_path / "pred"
+    code, _, err = run("predict", *inputs, "--weights", weights, "--out", out, "--score-threshold", 0.0,
+                       "--save-masks")
+    assert code == 0, err
+    assert sorted(p.name for p in out.glob("*_overlay.png")) == ["x_1_overlay.png", "x_2_overlay.png"]
+    assert [Image.open(out / f"x_{n}_overlay.png").size for n in (1, 2)] == sizes
+    results = json.loads((out / "results.json").read_text())
+    for image_id, (path, (width, height)) in enumerate(zip(inputs, sizes)):
+        mine = [r for r in results if r["file_name"] == str(path)]
+        assert mine and {r["image_id"] for r in mine} == {image_id}
+        assert len(list(out.glob(f"x_{image_id + 1}_mask*.png"))) == len(mine)
+        for r in mine:
+            x, y, w, h = r["bbox"]
+            assert 0 <= x <= x + w <= width and 0 <= y <= y + h <= height  # [x, y, w, h], not xyxy
+            assert r["segmentation"]["size"] == [height, width]
+            assert mask_util.decode(r["segmentation"]).shape == (height, width)
+            assert r["class_name"] == ["circle", "triangle", "rectangle"][r["category_id"] - 1]
+
+
+def test_output_names_are_distinct_and_follow_the_input_order():
+    from pathlib import Path
+
+    from maskrcnn.cli import output_names
+
+    paths = [Path("a/x.png"), Path("b/x.jpg"), Path("c/y.png"), Path("x_1.png"), Path("d/X.png")]
+    names = output_names(paths)
+    assert names == ["x_2", "x_3", "y", "x_1", "X_4"]
+    assert len({n.casefold() for n in names}) == len(paths)  # distinct on case-insensitive disks too
+    assert output_names(paths) == names
+    assert output_names([Path("a/x.png"), Path("a/y.png")]) == ["x", "y"]
+    assert output_names([Path("a/x.png")] * 2) == ["x_1", "x_2"]
+
+
 def test_predict_bf16_runs_where_the_cpu_has_bf16_and_is_refused_in_one_line_elsewhere(shapes, weights, tmp_path):
     from maskrcnn.precision import cpu_has_bf16
 
@@ -88,14 +132,11 @@ def test_predict_errors(shapes, weights, tmp_path):
                       "no such file")
 
 
-def test_eval_prints_ap_table_and_rejects_other_class_counts(shapes, weights, tmp_path):
+def test_eval_prints_the_ap_table_and_writes_results(shapes, weights, tmp_path):
     code, out, err = run("eval", shapes / "data" / "val.json", "--images", shapes / "data" / "val",
                          "--weights", weights, "--out", tmp_path / "ev")
     assert code == 0, err
     assert "mask" in out and (tmp_path / "ev" / "results.json").is_file()
-    two = save_weights(tmp_path / "two.safetensors", build_model(small_cpu_model(2)))
-    assert_user_error(*run("eval", shapes / "data" / "val.json", "--images", shapes / "data" / "val",
-                           "--weights", two), "predicts 2 classes but")
 
 
 def test_train_runs_a_tiny_config_and_prints_the_ap_table(shapes, tmp_path):
@@ -138,11 +179,16 @@ def test_convert_from_torchvision_and_errors(tmp_path):
                       "no such file")
 
 
-def test_weights_for_another_class_count_are_reported(weights):
-    from maskrcnn.api import load
-
-    predictor = load(weights, device="cpu")
-    assert predictor.model.num_classes == 3 and predictor.class_names[0] == "circle"
+@pytest.mark.parametrize("classes", [2, 4])
+def test_weights_for_another_class_count_are_reported(shapes, tmp_path, classes):
+    """The shapes set has 3 classes: eval names both counts and writes nothing."""
+    other = save_weights(tmp_path / "other.safetensors", build_model(small_cpu_model(classes)))
+    annotations = shapes / "data" / "val.json"
+    assert_user_error(*run("eval", annotations, "--images", shapes / "data" / "val", "--weights", other,
+                           "--out", tmp_path / "ev"),
+                      f"{other} predicts {classes} classes but {annotations} has 3; use weights trained "
+                      "on this data")
+    assert not (tmp_path / "ev").exists()
 
 
 def test_python_api_predictor_and_overlay(shapes, weights):

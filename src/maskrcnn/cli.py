@@ -6,12 +6,13 @@ import argparse
 import glob
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 EXAMPLES = {
     "demo": "maskrcnn demo --out demo_out --minutes 8",
     "train": "maskrcnn train configs/small_cpu_shapes.yaml solver.max_iter=2000 output_dir=runs/a",
-    "eval": "maskrcnn eval --weights runs/a/model.safetensors data/val.json --images data/val",
+    "eval": "maskrcnn eval --weights runs/a/model_final.safetensors data/val.json --images data/val",
     "predict": "maskrcnn predict photos/ img1.jpg 'more/*.png' --weights model.safetensors --out preds",
     "make-shapes": "maskrcnn make-shapes data/shapes --train 1000 --val 200 --seed 0",
     "check-data": "maskrcnn check-data annotations.json --images images/",
@@ -186,7 +187,6 @@ def cmd_convert(args) -> int:
 def cmd_predict(args) -> int:
     from tqdm import tqdm
 
-    from maskrcnn.evaluation.coco_eval import encode_mask
     from maskrcnn.visualize import overlay
 
     _require_file(args.weights)
@@ -196,27 +196,61 @@ def cmd_predict(args) -> int:
     predictor = _load_predictor(args.weights, args.device, args.score_threshold, args.bf16)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    names = output_names(paths)
     results = []
     batch = max(1, args.batch_size)
     for start in tqdm(range(0, len(paths), batch), desc="predict", unit="batch"):
-        chunk = paths[start:start + batch]
-        images = [_read_image(p) for p in chunk]
-        for path, image, inst in zip(chunk, images, predictor.predict(images)):
-            overlay(image, inst).save(out / f"{path.stem}_overlay.png")
-            for i in range(len(inst)):
-                x1, y1, x2, y2 = inst.boxes[i].tolist()
-                results.append({"file_name": str(path), "image_id": start + chunk.index(path),
-                                "category_id": inst.category_ids[i], "class_name": inst.class_names[i],
-                                "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(inst.scores[i]),
-                                "segmentation": encode_mask(inst.masks[i])})
-                if args.save_masks:
-                    from PIL import Image
-
-                    Image.fromarray(inst.masks[i].numpy().astype("uint8") * 255).save(
-                        out / f"{path.stem}_mask{i:03d}_{inst.class_names[i]}.png")
+        chunk = range(start, min(start + batch, len(paths)))
+        images = [_read_image(paths[i]) for i in chunk]
+        for i, image, inst in zip(chunk, images, predictor.predict(images)):
+            overlay(image, inst).save(out / f"{names[i]}_overlay.png")
+            results += _coco_results(inst, i, paths[i], predictor.category_ids)
+            if args.save_masks:
+                _save_masks(inst, out, names[i])
     (out / "results.json").write_text(json.dumps(results))
     print(f"{len(results)} instances in {len(paths)} images; overlays and results.json in {out}/")
     return 0
+
+
+def output_names(paths: list[Path]) -> list[str]:
+    """A distinct output name per input, in input order: the file's stem, unless another input
+    has the same stem (ignoring case, for case-insensitive file systems); then each of those
+    gets ``{stem}_{n}``, numbered 1, 2, ... in input order, skipping names already in use.
+
+    >>> output_names([Path("a/x.png"), Path("b/x.png"), Path("y.jpg")])
+    ['x_1', 'x_2', 'y']
+    """
+    stems = Counter(p.stem.casefold() for p in paths)
+    taken = set(stems)
+    names = []
+    for p in paths:
+        name, n = p.stem, 0
+        if stems[p.stem.casefold()] > 1:
+            while name.casefold() in taken:
+                n += 1
+                name = f"{p.stem}_{n}"
+            taken.add(name.casefold())
+        names.append(name)
+    return names
+
+
+def _coco_results(inst, image_id: int, path: Path, category_ids: list[int]) -> list[dict]:
+    """COCO results (``predictions_to_coco``) of one image's instances, each with the image's
+    ``file_name`` and its ``class_name``."""
+    from maskrcnn.evaluation.coco_eval import predictions_to_coco
+
+    output = {"boxes": inst.boxes, "labels": inst.labels, "scores": inst.scores, "masks": inst.masks}
+    records = predictions_to_coco([output], [image_id], category_ids)
+    return [{"file_name": str(path), **record, "class_name": name}
+            for record, name in zip(records, inst.class_names)]
+
+
+def _save_masks(inst, out: Path, name: str) -> None:
+    """One black and white PNG per instance: ``{name}_mask{i:03d}_{class name}.png``."""
+    from PIL import Image
+
+    for i, (mask, class_name) in enumerate(zip(inst.masks, inst.class_names)):
+        Image.fromarray(mask.numpy().astype("uint8") * 255).save(out / f"{name}_mask{i:03d}_{class_name}.png")
 
 
 def cmd_eval(args) -> int:

@@ -50,14 +50,17 @@ def overlay(image, instances: Instances, alpha: float = 0.5) -> Image.Image:
 
 
 def plot_training_curves(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
-    """Losses and (when logged) mask/box AP against iteration, from a trainer's metrics file."""
+    """Losses and (when logged) mask/box AP against iteration, from a trainer's metrics file.
+
+    Loss rows are those with ``total_loss`` (the trainer writes it with each ``loss_*`` term in
+    every log row); evaluation rows are those with ``bbox`` or ``segm``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
-    train = [r for r in rows if "total_loss" in r or "loss" in r]
+    train = [r for r in rows if "total_loss" in r]
     evals = [r for r in rows if "segm" in r or "bbox" in r]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for key in sorted({k for r in train for k in r if k.startswith("loss")} | {"total_loss"}):

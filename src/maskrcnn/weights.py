@@ -4,7 +4,6 @@ model config and the data set's class names and category ids. Loading never unpi
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from torch import nn
@@ -14,29 +13,37 @@ from maskrcnn.config import ConfigError, ModelConfig, from_dict, to_dict
 FORMAT = "maskrcnn-weights-v1"
 
 
+def weights_metadata(config: ModelConfig, class_names: list[str] | None = None,
+                     category_ids: list[int] | None = None) -> dict[str, str]:
+    """The metadata that makes a ``.safetensors`` file a weight file: the format tag, the model
+    config, and the class names and category ids of classes 1..K (``class_1``... and 1..K
+    when not given)."""
+    k = config.roi_heads.num_classes
+    names = list(class_names) if class_names else [f"class_{i}" for i in range(1, k + 1)]
+    ids = list(category_ids) if category_ids else list(range(1, k + 1))
+    return {"format": FORMAT, "config": json.dumps(to_dict(config)),
+            "class_names": json.dumps(names), "category_ids": json.dumps(ids)}
+
+
 def save_weights(path: str | Path, model: nn.Module, *, class_names: list[str] | None = None,
                  category_ids: list[int] | None = None) -> Path:
-    """Write ``model`` (a ``MaskRCNN``) atomically: a kill or a failed write (a full disk)
-    leaves any old file intact and no partial file."""
+    """Write ``model`` (a ``MaskRCNN``) with :func:`weights_metadata`, atomically as
+    :func:`maskrcnn.engine.checkpoint.atomic_write` does: a kill or a failed write (a full
+    disk) leaves any old file intact and no partial file under ``path``; a failed write
+    raises ``OSError`` saying so."""
     from safetensors.torch import save_file
+
+    from maskrcnn.engine.checkpoint import atomic_write
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    k = model.config.roi_heads.num_classes
-    names = list(class_names) if class_names else [f"class_{i}" for i in range(1, k + 1)]
-    ids = list(category_ids) if category_ids else list(range(1, k + 1))
-    meta = {"format": FORMAT, "config": json.dumps(to_dict(model.config)),
-            "class_names": json.dumps(names), "category_ids": json.dumps(ids)}
+    meta = weights_metadata(model.config, class_names, category_ids)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        save_file(tensors, str(tmp), metadata=meta)
-    except Exception as exc:  # disk full, permissions, ...: no half-written file stays behind
-        tmp.unlink(missing_ok=True)
+        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    except Exception as exc:  # disk full, permissions, ...
         raise OSError(f"{path}: could not write the weights ({exc}); any earlier file there is "
                       "unchanged") from exc
-    os.replace(tmp, path)
-    return path
 
 
 def read_weights(path: str | Path) -> tuple[dict, ModelConfig, list[str], list[int]]:

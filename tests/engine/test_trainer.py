@@ -161,11 +161,52 @@ def test_cpu_training_is_channels_last_and_saves_ordinary_weights(shapes, tmp_pa
     assert torch.equal(saved["backbone.body.layer1.0.conv1.weight"], weight.detach())
 
 
-def test_a_fresh_start_in_a_used_folder_moves_the_old_checkpoints_aside(shapes, tmp_path):
+def test_checkpoint_weights_carry_the_final_weight_files_metadata(shapes, tmp_path):
+    from safetensors import safe_open
+
+    from maskrcnn.weights import read_weights
+
+    out = tmp_path / "run"
+    result = train(tiny_config(shapes, out, val=False, max_iter=1), progress=False)
+    files = [out / "model_final.safetensors", last_checkpoint(out / "checkpoints") / "model.safetensors"]
+    final, checkpoint = (safe_open(str(f), "pt").metadata() for f in files)
+    assert checkpoint == final
+    _, config, names, ids = read_weights(files[1])
+    assert config == result["model"].config
+    assert (names, ids) == (result["train_set"].class_names, result["train_set"].category_ids)
+
+
+def test_the_training_curves_plot_every_logged_loss_and_the_ap(shapes, tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    from maskrcnn.visualize import plot_training_curves
+
+    out = tmp_path / "run"
+    train(tiny_config(shapes, out, max_iter=2, eval_period=1), progress=False)
+    losses = {k for r in rows(out) for k in r if k.startswith("loss")}
+    assert "loss_mask" in losses
+    plotted, real_plot = {}, Axes.plot
+
+    def plot(self, *args, label=None, **kwargs):
+        plotted[label] = [list(a) for a in args]
+        return real_plot(self, *args, label=label, **kwargs)
+
+    monkeypatch.setattr(Axes, "plot", plot)
+    assert plot_training_curves(out / "metrics.jsonl", tmp_path / "curves.png").is_file()
+    assert set(plotted) == losses | {"total_loss", "bbox AP", "segm AP"}
+    assert plotted["total_loss"][0] == [1, 2] and plotted["segm AP"][0] == [1, 2]
+
+
+def test_a_fresh_start_in_a_used_folder_moves_the_old_checkpoints_aside_and_empties_the_log(shapes, tmp_path):
+    """Only the latest earlier run's checkpoints are kept, as ``checkpoints.previous``."""
     out = tmp_path / "run"
     train(tiny_config(shapes, out, val=False, max_iter=1), progress=False)
+    train(tiny_config(shapes, out, val=False, max_iter=2), progress=False)
+    assert read_checkpoint_info(out / "checkpoints.previous")["iteration"] == 1
+    assert [r["iteration"] for r in rows(out)] == [1, 2]
     train(tiny_config(shapes, out, val=False, max_iter=1), progress=False)
-    assert last_checkpoint(out / "checkpoints.previous") is not None
+    assert read_checkpoint_info(out / "checkpoints.previous")["iteration"] == 2  # the first run's are gone
+    assert read_checkpoint_info(out / "checkpoints")["iteration"] == 1
     assert [r["iteration"] for r in rows(out)] == [1]
 
 

@@ -164,8 +164,27 @@ def test_polygon_and_rle_targets_agree():
     boxes = poly.boxes() + torch.from_numpy(rng.normal(0, 1.5, (6, 4))).float()
     a, b = poly.crop_and_resize(boxes, 28), rle.crop_and_resize(boxes, 28)
     assert (a != b).float().mean() < 0.05  # they differ only along the edges
-    assert torch.equal(rle.to_tensor(), BitMasks(rle.to_tensor()).to_tensor())
-    assert torch.equal(rle.crop_and_resize(boxes, 28), BitMasks(rle.to_tensor()).crop_and_resize(boxes, 28))
+
+
+def test_rle_and_bitmap_crops_equal_plain_indexing_of_a_hand_built_mask():
+    """A square box on pixel edges with side ``size`` (or twice it) samples only pixel centres,
+    so its crop is the mask's sub-array (or each 2x2 block's majority, 2 of 4 counting as in)."""
+    mask = torch.zeros(12, 16, dtype=torch.uint8)
+    mask[2:10, 3:6] = 1  # an L: a bar and a foot
+    mask[7:10, 6:13] = 1
+    mask[4, 4] = 0  # a one-pixel hole
+    mask[1, 13] = 1  # a speck
+    rle = mask_util.encode(np.asfortranarray(mask.numpy()))
+    blocks = mask[1:11, 4:14].float().reshape(5, 2, 5, 2).mean((1, 3))
+    assert {0.0, 0.25, 0.5, 0.75, 1.0} <= set(blocks.flatten().tolist())
+    for masks in (RLEMasks([rle], 12, 16), BitMasks(mask[None])):
+        assert torch.equal(masks.to_tensor()[0], mask)
+        crop = masks.crop_and_resize(torch.tensor([[3.0, 1, 14, 12]]), 11)[0]
+        assert torch.equal(crop, mask[1:12, 3:14].float())
+        crop = masks.crop_and_resize(torch.tensor([[4.0, 1, 14, 11]]), 10)[0]
+        assert torch.equal(crop, mask[1:11, 4:14].float())
+        halved = masks.crop_and_resize(torch.tensor([[4.0, 1, 14, 11]]), 5)[0]
+        assert torch.equal(halved, (blocks >= 0.5).float())
 
 
 def test_indices_argument_equals_indexing_first():

@@ -15,6 +15,7 @@ then it is renamed into place, and only then is ``last`` replaced (write, fsync,
 Each rename is atomic, so a kill leaves either the old or the new ``last`` pointing at a
 complete folder. Older folders are deleted only after ``last`` has moved on. A write that
 fails (a full disk) removes its partial folder and leaves ``last`` as it was.
+:func:`atomic_write` is the same procedure for a single file (``last`` itself, weight files).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import random
 import shutil
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -101,7 +103,7 @@ def save_checkpoint(directory: str | Path, *, model: nn.Module, optimizer: torch
     meta_text = json.dumps(meta)  # fails here, before anything is written, if extra is not JSON
 
     name = _free_name(directory, f"iter_{iteration:07d}")
-    tmp = directory / f"{_TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
+    tmp = _temporary(directory / name)
     tmp.mkdir()
     model_tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     try:
@@ -150,12 +152,38 @@ def _free_name(directory: Path, name: str) -> str:
     return candidate
 
 
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
+    """Replace ``path`` with what ``write(tmp)`` puts into a temporary file beside it.
+
+    The temporary file is fsynced, renamed onto ``path`` and the folder fsynced, so a kill at
+    any moment leaves either the old file or the complete new one under ``path`` (a process
+    killed outright may leave the hidden temporary ``.tmp-{name}-{random}`` behind). If
+    ``write`` (or the fsync) raises, even a KeyboardInterrupt, the temporary file is removed,
+    ``path`` is untouched and the exception propagates. Returns ``path``.
+
+    >>> atomic_write("runs/x/notes.txt", lambda tmp: tmp.write_text("done"))  # doctest: +SKIP
+    PosixPath('runs/x/notes.txt')
+    """
+    path = Path(path)
+    tmp = _temporary(path)
+    try:
+        write(tmp)
+        _fsync(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+    _fsync(path.parent)
+    return path
+
+
+def _temporary(path: Path) -> Path:
+    """A fresh hidden name beside ``path`` (``.tmp-{name}-{random}``) to write it under first."""
+    return path.with_name(f"{_TMP_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}")
+
+
 def _write_pointer(directory: Path, name: str) -> None:
-    tmp = directory / f"{_TMP_PREFIX}{POINTER}-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(name + "\n")
-    _fsync(tmp)
-    os.replace(tmp, directory / POINTER)
-    _fsync(directory)
+    atomic_write(directory / POINTER, lambda tmp: tmp.write_text(name + "\n"))
 
 
 def _prune(directory: Path, keep: int) -> None:
@@ -216,12 +244,11 @@ def read_checkpoint_info(path: str | Path) -> dict:
 
 def load_checkpoint(path: str | Path, *, model: nn.Module | None = None,
                     optimizer: torch.optim.Optimizer | None = None,
-                    scaler: torch.amp.GradScaler | None = None, restore_rng: bool = True) -> dict:
-    """Restore a checkpoint into the given objects; returns ``{"iteration", "extra", "path", "rng"}``.
+                    scaler: torch.amp.GradScaler | None = None) -> dict:
+    """Restore a checkpoint into the given objects and the global RNGs of :func:`get_rng_state`
+    to their state at the save; returns ``{"iteration", "extra", "path"}``.
 
-    ``path`` is a checkpoint folder or the folder holding ``last``. With ``restore_rng=False``
-    the RNG state is only returned (``set_rng_state(*info["rng"])`` applies it later, e.g.
-    after building a data loader, which draws from the global generator).
+    ``path`` is a checkpoint folder or the folder holding ``last``.
 
     >>> info = load_checkpoint("runs/x/checkpoints", model=model, optimizer=opt)  # doctest: +SKIP
     >>> info["iteration"]  # doctest: +SKIP
@@ -238,10 +265,8 @@ def load_checkpoint(path: str | Path, *, model: nn.Module | None = None,
         _load_optimizer(optimizer, tensors, meta, folder)
     if scaler is not None and meta.get("scaler"):
         scaler.load_state_dict(meta["scaler"])
-    rng = ({k: v for k, v in tensors.items() if k.startswith("rng.")}, meta["rng"])
-    if restore_rng:
-        set_rng_state(*rng)
-    return {"iteration": meta["iteration"], "extra": meta["extra"], "path": folder, "rng": rng}
+    set_rng_state({k: v for k, v in tensors.items() if k.startswith("rng.")}, meta["rng"])
+    return {"iteration": meta["iteration"], "extra": meta["extra"], "path": folder}
 
 
 def _load_model(model: nn.Module, state: dict[str, Tensor], folder: Path) -> None:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from maskrcnn.api import pick_device
 from maskrcnn.config import Config, ConfigError, to_dict
 from maskrcnn.engine import distributed as dist
 from maskrcnn.engine.checkpoint import last_checkpoint, load_checkpoint, save_checkpoint
@@ -109,8 +110,13 @@ def train(config: Config, *, resume: bool = False, init_backbone: str | Path | N
 
     ``resume`` continues from ``output_dir/checkpoints`` exactly where it stopped (the same
     batches, random draws and learning rates as an uninterrupted run); a larger
-    ``solver.max_iter`` then extends the run. Without ``resume``, checkpoints of an earlier run
-    in ``output_dir`` are moved to ``checkpoints.previous``. ``init_backbone`` is an
+    ``solver.max_iter`` then extends the run, and ``metrics.jsonl`` keeps its rows up to the
+    checkpoint's iteration. A run that starts at iteration 0 in a used ``output_dir`` (without
+    ``resume``, or with it but no checkpoint there) empties ``metrics.jsonl`` and overwrites
+    ``config.yaml`` and, at the end, ``model_final.safetensors`` and ``results.json``. Without
+    ``resume``, an earlier run's ``checkpoints`` folder (if it holds a checkpoint) is renamed to
+    ``checkpoints.previous``, deleting any ``checkpoints.previous`` already there, so only the
+    latest earlier run's checkpoints are kept. ``init_backbone`` is an
     ImageNet ResNet state dict (torchvision ``.pth`` or ``.safetensors``), used on a fresh start.
     Each callback is called as ``callback(iteration, losses)`` after every iteration, in every
     process, with the losses averaged over processes; an exception from it ends training as a
@@ -123,13 +129,6 @@ def train(config: Config, *, resume: bool = False, init_backbone: str | Path | N
     """
     return _Trainer(config, resume=resume, init_backbone=init_backbone, progress=progress,
                     callbacks=callbacks).run()
-
-
-def pick_device(name: str) -> torch.device:
-    """``"auto"``: the GPU when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def seed_everything(*keys: int) -> None:
@@ -246,11 +245,13 @@ class _Trainer:
                 print(f"no checkpoint in {self.ckpt_dir}: starting from iteration 0")
             elif found is not None:
                 previous = self.out / "checkpoints.previous"
-                if previous.exists():
+                replaced = previous.exists()
+                if replaced:
                     shutil.rmtree(previous)
                 os.replace(self.ckpt_dir, previous)
-                print(f"{self.out} held an earlier run: its checkpoints moved to {previous} "
-                      "(pass resume=True / --resume to continue a run instead)")
+                print(f"{self.out} held an earlier run: its checkpoints moved to {previous}"
+                      f"{' (replacing the ones there)' if replaced else ''} and metrics.jsonl starts "
+                      "afresh (pass resume=True / --resume to continue a run instead)")
         self.saved_at = self.start if self.start else None
         self.budget = TimeBudget(s.max_minutes * 60, start_iter=self.start, cap=s.max_iter, spent=spent) \
             if s.max_minutes > 0 else None
@@ -363,11 +364,9 @@ class _Trainer:
     def _weights_metadata(self) -> dict[str, str]:
         """The metadata of :func:`maskrcnn.weights.save_weights`, so a checkpoint's
         ``model.safetensors`` loads with ``maskrcnn.load`` and ``maskrcnn predict``."""
-        from maskrcnn.weights import FORMAT
+        from maskrcnn.weights import weights_metadata
 
-        return {"format": FORMAT, "config": json.dumps(to_dict(self.config.model)),
-                "class_names": json.dumps(self.train_set.class_names),
-                "category_ids": json.dumps(self.train_set.category_ids)}
+        return weights_metadata(self.config.model, self.train_set.class_names, self.train_set.category_ids)
 
     def _evaluate(self, it: int, out_json: Path | None = None) -> None:
         """Rank 0 scores the model on the validation set and appends the AP to the log."""
