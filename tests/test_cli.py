@@ -38,7 +38,8 @@ def weights(shapes):
     torch.manual_seed(0)
     cfg = replace_nested(small_cpu_model(3), **{"input.min_size_test": 128, "input.max_size": 192,
                                                "roi_heads.score_thresh": 0.0})
-    return save_weights(shapes / "w.safetensors", build_model(cfg), class_names=["circle", "triangle", "rectangle"])
+    return save_weights(shapes / "w.safetensors", build_model(cfg), class_names=["circle", "triangle", "rectangle"],
+                        category_ids=[1, 3, 7])  # the shapes set's own ids, as training writes them
 
 
 @pytest.mark.parametrize("command", ["demo", "train", "eval", "predict", "make-shapes", "check-data", "convert"])
@@ -93,7 +94,7 @@ def test_predict_names_outputs_of_inputs_with_one_stem_apart_and_records_coco_re
             assert 0 <= x <= x + w <= width and 0 <= y <= y + h <= height  # [x, y, w, h], not xyxy
             assert r["segmentation"]["size"] == [height, width]
             assert mask_util.decode(r["segmentation"]).shape == (height, width)
-            assert r["class_name"] == ["circle", "triangle", "rectangle"][r["category_id"] - 1]
+            assert r["class_name"] == {1: "circle", 3: "triangle", 7: "rectangle"}[r["category_id"]]
 
 
 def test_output_names_are_distinct_and_follow_the_input_order():
@@ -179,16 +180,35 @@ def test_convert_from_torchvision_and_errors(tmp_path):
                       "no such file")
 
 
-@pytest.mark.parametrize("classes", [2, 4])
-def test_weights_for_another_class_count_are_reported(shapes, tmp_path, classes):
-    """The shapes set has 3 classes: eval names both counts and writes nothing."""
-    other = save_weights(tmp_path / "other.safetensors", build_model(small_cpu_model(classes)))
+@pytest.mark.parametrize("classes,ids,missing", [(2, None, "3, 7"), (3, [5, 6, 7], "1, 3")])
+def test_weights_without_the_datas_categories_are_reported(shapes, tmp_path, classes, ids, missing):
+    """The shapes set has categories 1, 3, 7: eval names those the weights lack and writes nothing."""
+    other = save_weights(tmp_path / "other.safetensors", build_model(small_cpu_model(classes)), category_ids=ids)
     annotations = shapes / "data" / "val.json"
     assert_user_error(*run("eval", annotations, "--images", shapes / "data" / "val", "--weights", other,
                            "--out", tmp_path / "ev"),
-                      f"{other} predicts {classes} classes but {annotations} has 3; use weights trained "
-                      "on this data")
+                      f"{other} does not predict categories {missing} of {annotations} (it predicts "
+                      f"{classes} categories, the data has 3); use weights trained on this data")
     assert not (tmp_path / "ev").exists()
+
+
+def test_eval_labels_take_the_weights_category_ids(shapes, weights, tmp_path):
+    """As torchvision's COCO weights label by COCO's own ids 1..90, a weight file's category ids,
+    not the data set's order, say which category each label is."""
+    from maskrcnn.weights import read_weights
+
+    state, config, names, _ = read_weights(weights)
+    model = build_model(config)
+    model.load_state_dict(state)
+    shuffled = save_weights(tmp_path / "shuffled.safetensors", model, class_names=names, category_ids=[3, 7, 1])
+    data = [shapes / "data" / "val.json", "--images", shapes / "data" / "val"]
+    for w, out in ((weights, "a"), (shuffled, "b")):
+        code, _, err = run("eval", *data, "--weights", w, "--out", tmp_path / out)
+        assert code == 0, err
+    a, b = (json.loads((tmp_path / out / "results.json").read_text()) for out in "ab")
+    assert len(a) == len(b) > 0
+    assert [{1: 3, 3: 7, 7: 1}[r["category_id"]] for r in a] == [r["category_id"] for r in b]
+    assert [r["bbox"] for r in a] == [r["bbox"] for r in b]
 
 
 def test_python_api_predictor_and_overlay(shapes, weights):

@@ -261,13 +261,16 @@ def cmd_eval(args) -> int:
     _require_dir(args.images)
     predictor = _load_predictor(args.weights, args.device, 0.0, args.bf16)
     dataset = CocoDataset(args.annotations, args.images)
-    if dataset.num_classes != predictor.model.num_classes:
-        raise UserError(f"{args.weights} predicts {predictor.model.num_classes} classes but "
-                        f"{args.annotations} has {dataset.num_classes}; use weights trained on this data")
+    missing = sorted(set(dataset.category_ids) - set(predictor.category_ids))
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+        raise UserError(f"{args.weights} does not predict categories {shown} of {args.annotations} "
+                        f"(it predicts {predictor.model.num_classes} categories, the data has "
+                        f"{dataset.num_classes}); use weights trained on this data")
     out = Path(args.out) if args.out else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
-    metrics = evaluate(predictor.model, dataset, device=predictor.device,
+    metrics = evaluate(predictor.model, dataset, device=predictor.device, category_ids=predictor.category_ids,
                        out_json=out / "results.json" if out else None)
     print(format_table(metrics))
     if out:

@@ -228,13 +228,16 @@ def coco_metrics(annotations: str | Path | dict | COCO, results: list[dict],
 
 
 def evaluate(model: torch.nn.Module, dataset, *, batch_size: int = 1, device: str | torch.device | None = None,
-             out_json: str | Path | None = None, progress: bool = True) -> dict:
+             out_json: str | Path | None = None, progress: bool = True,
+             category_ids: Sequence[int] | None = None) -> dict:
     """Run ``model`` on every image of a ``CocoDataset`` and score it with pycocotools.
 
     The model runs in eval mode under ``torch.inference_mode`` (its mode is restored after).
     The ground truth is ``dataset.ground_truth()``: exactly the images and annotations the data
     set kept (records it skipped with ``skip_bad`` are neither run nor scored).
     ``out_json`` receives the COCO results file. Returns :func:`coco_metrics`' dict.
+    ``category_ids[label - 1]`` is the category id of the model's label (default: the data
+    set's own, for a model trained on it; a weight file's, e.g. torchvision's COCO ids 1..90).
 
     >>> metrics = evaluate(model, CocoDataset("val.json", "val"), out_json="results.json")  # doctest: +SKIP
     >>> print(format_table(metrics))  # doctest: +SKIP
@@ -254,7 +257,7 @@ def evaluate(model: torch.nn.Module, dataset, *, batch_size: int = 1, device: st
                 outputs = model([im.to(device) for im in images])
                 outputs = [{k: v.cpu() for k, v in o.items()} for o in outputs]
                 results += predictions_to_coco(outputs, [t["image_id"] for t in targets],
-                                               dataset.label_to_category)
+                                               category_ids or dataset.category_ids)
     finally:
         model.train(was_training)
     if out_json:
