@@ -74,6 +74,50 @@ def test_a_run_killed_and_resumed_logs_exactly_what_an_uninterrupted_run_logs(sh
     assert result["iterations"] == 4 and result["metrics"]["segm"]["AP"] is not None
 
 
+def test_a_run_killed_during_an_evaluation_resumes_before_it(shapes, tmp_path, monkeypatch):
+    """The evaluation at 4 runs before the checkpoint at 4: killed during it, the run resumes from
+    the checkpoint at 2 and logs that evaluation, as an uninterrupted run does."""
+    import maskrcnn.evaluation.coco_eval as coco_eval
+
+    settings = {"max_iter": 6, "eval_period": 2, "checkpoint_period": 2}
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    train(tiny_config(shapes, full, **settings), progress=False)
+    real, calls = coco_eval.evaluate, []
+
+    def evaluate(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the evaluation at iteration 4
+            raise Killed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(coco_eval, "evaluate", evaluate)
+    with pytest.raises(Killed):
+        train(tiny_config(shapes, killed, **settings), progress=False)
+    assert read_checkpoint_info(killed / "checkpoints")["iteration"] == 2
+    monkeypatch.setattr(coco_eval, "evaluate", real)
+    train(tiny_config(shapes, killed, **settings), resume=True, progress=False)
+
+    def logged(out):
+        return [(r["iteration"], "total_loss" in r) for r in rows(out)]
+
+    assert logged(killed) == logged(full)
+    assert [r["iteration"] for r in rows(full) if "segm" in r] == [2, 4, 6]
+
+
+def test_checkpoints_after_a_resume_record_the_last_evaluation(shapes, tmp_path):
+    """Evaluation at 2, checkpoints at every iteration: killed after 2 and resumed, the
+    checkpoint at 3 records the AP of iteration 2, as in an uninterrupted run."""
+    settings = {"eval_period": 2, "checkpoint_period": 1}
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    train(tiny_config(shapes, full, **settings), progress=False)
+    with pytest.raises(Killed):
+        train(tiny_config(shapes, killed, **settings), progress=False, callbacks=[kill_after(2)])
+    train(tiny_config(shapes, killed, **settings), resume=True, progress=False)
+    recorded = [read_checkpoint_info(out / "checkpoints" / "iter_0000003")["extra"]["metrics"]
+                for out in (full, killed)]
+    assert recorded[0] == recorded[1] and recorded[0]["segm"]["AP"] is not None
+
+
 def test_a_non_finite_loss_stops_naming_iteration_term_and_causes_and_keeps_the_checkpoint(
         shapes, tmp_path, monkeypatch):
     import maskrcnn.modeling.mask_rcnn as mask_rcnn

@@ -235,6 +235,7 @@ class _Trainer:
             info = load_checkpoint(self.ckpt_dir, model=self.model, optimizer=self.optimizer,
                                    scaler=self.scaler)
             self.start = info["iteration"]
+            self.metrics = info["extra"].get("metrics")  # the AP the next checkpoints record
             spent = info["extra"].get("elapsed", 0.0)
             if s.max_minutes > 0:
                 self.max_iter = info["extra"].get("max_iter", self.max_iter)
@@ -281,10 +282,12 @@ class _Trainer:
             self.bar.update(1)
             if it % s.log_period == 0:
                 self._log(it, losses)
-            if s.checkpoint_period and it % s.checkpoint_period == 0:
-                self._save(it)
+            # evaluated before the checkpoint of the same iteration, so that a kill during the
+            # evaluation resumes before it, and the checkpoint records its AP
             if s.eval_period and it % s.eval_period == 0 and it < self.max_iter:
                 self._evaluate(it)
+            if s.checkpoint_period and it % s.checkpoint_period == 0:
+                self._save(it)
             for callback in self.callbacks:
                 callback(it, losses)
         self.bar.close()
