@@ -48,6 +48,7 @@ from maskrcnn.config import SolverConfig, replace_nested, small_cpu_model  # noq
 from maskrcnn.engine.optimizer import build_optimizer, dense_layout  # noqa: E402
 from maskrcnn.interop.torchvision import from_torchvision  # noqa: E402
 from maskrcnn.modeling.mask_rcnn import build_model  # noqa: E402
+from maskrcnn.modeling.transform import resize_scale  # noqa: E402
 from maskrcnn.ops import paste_masks, roi_align  # noqa: E402
 from maskrcnn.precision import bf16_autocast, cpu_has_bf16  # noqa: E402
 
@@ -303,7 +304,7 @@ def image_size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"{text!r} is not HxW, e.g. 800x1333") from None
     if h < 1 or w < 1:
         raise argparse.ArgumentTypeError(f"{text}: both sides must be at least 1 pixel")
-    scale = min(800 / min(h, w), 1333 / max(h, w))
+    scale = resize_scale((h, w), 800, 1333)
     if int(h * scale) == 0 or int(w * scale) == 0:
         raise argparse.ArgumentTypeError(
             f"{text}: torchvision resizes it to less than 1 pixel on a side and stops (ours keeps 1 "

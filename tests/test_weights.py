@@ -42,9 +42,9 @@ def test_a_full_disk_keeps_the_old_file_and_leaves_no_partial_one(tmp_path, mode
 
 
 def test_the_file_is_fsynced_before_it_replaces_the_old_one_and_the_folder_after(tmp_path, model, monkeypatch):
-    import maskrcnn.engine.checkpoint as ckpt
+    import maskrcnn.atomic as atomic
 
-    events, real_fsync, real_replace = [], ckpt._fsync, os.replace
+    events, real_fsync, real_replace = [], atomic.fsync, os.replace
 
     def fsync(path):
         events.append(("fsync", Path(path)))
@@ -54,7 +54,7 @@ def test_the_file_is_fsynced_before_it_replaces_the_old_one_and_the_folder_after
         events.append(("replace", Path(src), Path(dst)))
         real_replace(src, dst)
 
-    monkeypatch.setattr(ckpt, "_fsync", fsync)
+    monkeypatch.setattr(atomic, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
     path = save_weights(tmp_path / "w.safetensors", model)
     tmp = events[0][1]

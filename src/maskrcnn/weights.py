@@ -8,6 +8,7 @@ from pathlib import Path
 
 from torch import nn
 
+from maskrcnn.atomic import atomic_write
 from maskrcnn.config import ConfigError, ModelConfig, from_dict, to_dict
 
 FORMAT = "maskrcnn-weights-v1"
@@ -28,12 +29,10 @@ def weights_metadata(config: ModelConfig, class_names: list[str] | None = None,
 def save_weights(path: str | Path, model: nn.Module, *, class_names: list[str] | None = None,
                  category_ids: list[int] | None = None) -> Path:
     """Write ``model`` (a ``MaskRCNN``) with :func:`weights_metadata`, atomically as
-    :func:`maskrcnn.engine.checkpoint.atomic_write` does: a kill or a failed write (a full
+    :func:`maskrcnn.atomic.atomic_write` does: a kill or a failed write (a full
     disk) leaves any old file intact and no partial file under ``path``; a failed write
     raises ``OSError`` saying so."""
     from safetensors.torch import save_file
-
-    from maskrcnn.engine.checkpoint import atomic_write
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

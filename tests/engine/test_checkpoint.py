@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import maskrcnn.engine.checkpoint as ckpt
-from maskrcnn.engine.checkpoint import CheckpointError, atomic_write, last_checkpoint, load_checkpoint, \
-    load_weights, read_checkpoint_info, save_checkpoint
+from maskrcnn.engine.checkpoint import CheckpointError, last_checkpoint, load_checkpoint, load_weights, \
+    read_checkpoint_info, save_checkpoint
 
 
 def trained(seed=0):
@@ -214,18 +214,3 @@ def test_extra_that_is_not_json_fails_before_anything_is_written(tmp_path):
     with pytest.raises(TypeError):
         save_checkpoint(tmp_path, model=model, optimizer=opt, iteration=2, extra={"bad": object()})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000001", "last"]
-
-
-def test_atomic_write_replaces_the_file_whole_or_not_at_all(tmp_path):
-    path = tmp_path / "notes.txt"
-    assert atomic_write(path, lambda tmp: tmp.write_text("old")) == path
-
-    def disk_full(tmp):
-        tmp.write_text("half")
-        raise OSError(28, "No space left on device")
-
-    with pytest.raises(OSError, match="No space left"):
-        atomic_write(path, disk_full)
-    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
-    atomic_write(path, lambda tmp: tmp.write_text("new"))
-    assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["notes.txt"]

@@ -15,7 +15,7 @@ then it is renamed into place, and only then is ``last`` replaced (write, fsync,
 Each rename is atomic, so a kill leaves either the old or the new ``last`` pointing at a
 complete folder. Older folders are deleted only after ``last`` has moved on. A write that
 fails (a full disk) removes its partial folder and leaves ``last`` as it was.
-:func:`atomic_write` is the same procedure for a single file (``last`` itself, weight files).
+``last`` itself is written by :func:`maskrcnn.atomic.atomic_write`, as weight files are.
 """
 
 from __future__ import annotations
@@ -24,19 +24,18 @@ import json
 import os
 import random
 import shutil
-import uuid
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from maskrcnn.atomic import TMP_PREFIX, atomic_write, fsync, temporary_name
+
 FORMAT = "maskrcnn-checkpoint-v1"
 POINTER = "last"
 MODEL_FILE, STATE_FILE, META_FILE = "model.safetensors", "state.safetensors", "state.json"
-_TMP_PREFIX = ".tmp-"
 
 
 class CheckpointError(RuntimeError):
@@ -103,7 +102,7 @@ def save_checkpoint(directory: str | Path, *, model: nn.Module, optimizer: torch
     meta_text = json.dumps(meta)  # fails here, before anything is written, if extra is not JSON
 
     name = _free_name(directory, f"iter_{iteration:07d}")
-    tmp = _temporary(directory / name)
+    tmp = temporary_name(directory / name)
     tmp.mkdir()
     model_tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     try:
@@ -111,8 +110,8 @@ def save_checkpoint(directory: str | Path, *, model: nn.Module, optimizer: torch
         save_file(tensors, str(tmp / STATE_FILE))
         (tmp / META_FILE).write_text(meta_text)
         for f in (MODEL_FILE, STATE_FILE, META_FILE):
-            _fsync(tmp / f)
-        _fsync(tmp)
+            fsync(tmp / f)
+        fsync(tmp)
     except Exception as exc:  # disk full, ...: drop the partial folder, keep the last checkpoint
         shutil.rmtree(tmp, ignore_errors=True)
         kept = _read_pointer(directory)
@@ -152,36 +151,6 @@ def _free_name(directory: Path, name: str) -> str:
     return candidate
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
-    """Replace ``path`` with what ``write(tmp)`` puts into a temporary file beside it.
-
-    The temporary file is fsynced, renamed onto ``path`` and the folder fsynced, so a kill at
-    any moment leaves either the old file or the complete new one under ``path`` (a process
-    killed outright may leave the hidden temporary ``.tmp-{name}-{random}`` behind). If
-    ``write`` (or the fsync) raises, even a KeyboardInterrupt, the temporary file is removed,
-    ``path`` is untouched and the exception propagates. Returns ``path``.
-
-    >>> atomic_write("runs/x/notes.txt", lambda tmp: tmp.write_text("done"))  # doctest: +SKIP
-    PosixPath('runs/x/notes.txt')
-    """
-    path = Path(path)
-    tmp = _temporary(path)
-    try:
-        write(tmp)
-        _fsync(tmp)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
-    _fsync(path.parent)
-    return path
-
-
-def _temporary(path: Path) -> Path:
-    """A fresh hidden name beside ``path`` (``.tmp-{name}-{random}``) to write it under first."""
-    return path.with_name(f"{_TMP_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}")
-
-
 def _write_pointer(directory: Path, name: str) -> None:
     atomic_write(directory / POINTER, lambda tmp: tmp.write_text(name + "\n"))
 
@@ -197,16 +166,8 @@ def _prune(directory: Path, keep: int) -> None:
 
 def _remove_stale_temporaries(directory: Path) -> None:
     for p in directory.iterdir():
-        if p.name.startswith(_TMP_PREFIX):
+        if p.name.startswith(TMP_PREFIX):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ------------------------------------------------------------------------------- reading
