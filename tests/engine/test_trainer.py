@@ -118,6 +118,28 @@ def test_checkpoints_after_a_resume_record_the_last_evaluation(shapes, tmp_path)
     assert recorded[0] == recorded[1] and recorded[0]["segm"]["AP"] is not None
 
 
+def test_a_resumed_run_trains_with_the_solver_settings_it_is_given(shapes, tmp_path, capsys):
+    """The checkpoint's optimizer state carries over, its settings do not: resumed with another
+    momentum and weight decay, the run uses (and its next checkpoint records) the new ones, and
+    says what changed."""
+    out = tmp_path / "run"
+    with pytest.raises(Killed):
+        train(tiny_config(shapes, out, val=False), progress=False, callbacks=[kill_after(2)])
+    capsys.readouterr()
+    train(tiny_config(shapes, out, val=False, momentum=0.5, weight_decay=0.001), resume=True, progress=False)
+    assert "momentum 0.9 -> 0.5, weight_decay 0.0001 -> 0.001" in capsys.readouterr().out
+    groups = read_checkpoint_info(out / "checkpoints")["param_groups"]
+    assert [(g["momentum"], g["weight_decay"]) for g in groups] == [(0.5, 0.001), (0.5, 0.0)]
+
+
+def test_resuming_with_another_optimizer_is_refused(shapes, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(Killed):
+        train(tiny_config(shapes, out, val=False), progress=False, callbacks=[kill_after(2)])
+    with pytest.raises(ConfigError, match="solver.optimizer=adamw, but the checkpoint .* solver.optimizer=sgd"):
+        train(tiny_config(shapes, out, val=False, optimizer="adamw"), resume=True, progress=False)
+
+
 def test_a_non_finite_loss_stops_naming_iteration_term_and_causes_and_keeps_the_checkpoint(
         shapes, tmp_path, monkeypatch):
     import maskrcnn.modeling.mask_rcnn as mask_rcnn

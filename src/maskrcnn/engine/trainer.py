@@ -31,7 +31,7 @@ from torch import nn
 from maskrcnn.api import pick_device
 from maskrcnn.config import Config, ConfigError, to_dict
 from maskrcnn.engine import distributed as dist
-from maskrcnn.engine.checkpoint import last_checkpoint, load_checkpoint, save_checkpoint
+from maskrcnn.engine.checkpoint import last_checkpoint, load_checkpoint, read_checkpoint_info, save_checkpoint
 from maskrcnn.engine.optimizer import build_optimizer, dense_layout, param_groups
 from maskrcnn.engine.schedule import lr_at
 
@@ -111,7 +111,8 @@ def train(config: Config, *, resume: bool = False, init_backbone: str | Path | N
     ``resume`` continues from ``output_dir/checkpoints`` exactly where it stopped (the same
     batches, random draws and learning rates as an uninterrupted run); a larger
     ``solver.max_iter`` then extends the run, and ``metrics.jsonl`` keeps its rows up to the
-    checkpoint's iteration. A run that starts at iteration 0 in a used ``output_dir`` (without
+    checkpoint's iteration. The optimizer's state carries over and the solver settings are the
+    config's (the ones that changed are printed); another ``solver.optimizer`` is refused. A run that starts at iteration 0 in a used ``output_dir`` (without
     ``resume``, or with it but no checkpoint there) empties ``metrics.jsonl`` and overwrites
     ``config.yaml`` and, at the end, ``model_final.safetensors`` and ``results.json``. Without
     ``resume``, an earlier run's ``checkpoints`` folder (if it holds a checkpoint) is renamed to
@@ -232,8 +233,12 @@ class _Trainer:
         self.metrics: dict | None = None
         found = last_checkpoint(self.ckpt_dir)
         if resume and found is not None:
+            changed = self._solver_changes(read_checkpoint_info(found)["extra"].get("config", {}))
+            settings = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
             info = load_checkpoint(self.ckpt_dir, model=self.model, optimizer=self.optimizer,
                                    scaler=self.scaler)
+            for group, current in zip(self.optimizer.param_groups, settings):
+                group.update(current)  # the state carries over; the settings are this config's
             self.start = info["iteration"]
             self.metrics = info["extra"].get("metrics")  # the AP the next checkpoints record
             spent = info["extra"].get("elapsed", 0.0)
@@ -241,6 +246,8 @@ class _Trainer:
                 self.max_iter = info["extra"].get("max_iter", self.max_iter)
             if self.main:
                 print(f"resumed from {info['path']} at iteration {self.start}")
+                if changed:
+                    print(f"solver settings changed since that run, in use from now on: {changed}")
         elif self.main:
             if resume:
                 print(f"no checkpoint in {self.ckpt_dir}: starting from iteration 0")
@@ -263,6 +270,17 @@ class _Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(self.config, self.out / "config.yaml")
             _truncate_log(self.out / "metrics.jsonl", self.start)
+
+    def _solver_changes(self, saved: dict) -> str:
+        """The solver settings of this config that differ from ``saved`` (the config a checkpoint
+        records), as "name old -> new, ..."; refuses a change of optimizer, whose saved state
+        (momentum buffers, or Adam's moments) the other one cannot use."""
+        before, now = saved.get("solver", {}), to_dict(self.config.solver)
+        if before.get("optimizer", now["optimizer"]) != now["optimizer"]:
+            raise ConfigError(f"solver.optimizer={now['optimizer']}, but the checkpoint in {self.ckpt_dir} was "
+                              f"trained with solver.optimizer={before['optimizer']}, whose state does not "
+                              "carry over; resume with that optimizer, or start afresh without resume")
+        return ", ".join(f"{k} {before[k]} -> {v}" for k, v in now.items() if k in before and before[k] != v)
 
     # ------------------------------------------------------------------------------- loop
 
