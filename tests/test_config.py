@@ -58,6 +58,42 @@ def test_out_of_range_integers_are_refused_naming_the_field(override, message):
         apply_overrides(Config(), [override])
 
 
+@pytest.mark.parametrize("override, message", [
+    ("model.input.pixel_std=[0.2,0,0.2]", r"model.input.pixel_std: expects numbers > 0, got \(0.2, 0.0, 0.2\)"),
+    ("model.input.pixel_scale=0", "model.input.pixel_scale: expects a number > 0, got 0.0"),
+    ("model.rpn.fg_iou=1.5", "model.rpn.fg_iou: expects a number from 0 to 1, got 1.5"),
+    ("model.rpn.nms_thresh=nan", "model.rpn.nms_thresh: expects a number from 0 to 1, got nan"),
+    ("model.rpn.aspect_ratios=[0.5,0]", "model.rpn.aspect_ratios: expects numbers > 0"),
+    ("model.rpn.aspect_ratios=[]", "model.rpn.aspect_ratios: expects at least one value"),
+    ("model.rpn.bg_iou=0.8", "model.rpn.bg_iou=0.8 is above model.rpn.fg_iou=0.7"),
+    ("model.roi_heads.score_thresh=-0.1", "model.roi_heads.score_thresh: expects a number from 0 to 1"),
+    ("model.roi_heads.box_reg_weights=[10,10,0,5]", "model.roi_heads.box_reg_weights: expects numbers > 0"),
+    ("model.roi_heads.mask_threshold=2", "model.roi_heads.mask_threshold: expects a number from 0 to 1"),
+    ("solver.base_lr=-0.1", "solver.base_lr: expects a number >= 0, got -0.1"),
+    ("solver.momentum=1", "solver.momentum: expects a number from 0 to below 1, got 1.0"),
+    ("solver.gamma=0", "solver.gamma: expects a number > 0, got 0.0"),
+    ("solver.steps=[-1]", r"solver.steps: expects numbers >= 0, got \(-1.0,\)"),
+    ("solver.warmup_factor=1.5", "solver.warmup_factor: expects a number from 0 to 1"),
+    ("data.flip_prob=1.1", "data.flip_prob: expects a number from 0 to 1, got 1.1"),
+])
+def test_out_of_range_decimals_are_refused_naming_the_field(override, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(Config(), [override])
+
+
+@pytest.mark.parametrize("override", [
+    "model.rpn.bg_iou=0.7", "model.roi_heads.score_thresh=0", "model.roi_heads.nms_thresh=1",
+    "solver.momentum=0", "solver.weight_decay=0", "solver.warmup_factor=1", "data.flip_prob=0",
+    "model.rpn.smooth_l1_beta=0",
+])
+def test_decimals_at_the_ends_of_their_range_stay_valid(override):
+    key, value = override.split("=")
+    node = apply_overrides(Config(), [override])
+    for part in key.split("."):
+        node = getattr(node, part)
+    assert node == float(value)
+
+
 @pytest.mark.parametrize("override", [
     "solver.warmup_iters=0", "solver.eval_period=0", "solver.checkpoint_period=0", "solver.max_iter=0",
     "data.num_workers=0", "model.backbone.freeze_at=0", "model.input.size_divisibility=0",

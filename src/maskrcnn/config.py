@@ -11,6 +11,7 @@ labels 1..K are the foreground classes, so predictors have K + 1 outputs.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -40,6 +41,19 @@ def _at_least(config: Any, section: str, minimum: int, *names: str) -> None:
         if any(v < minimum for v in (value if isinstance(value, tuple) else (value,))):
             what = "whole numbers" if isinstance(value, tuple) else "a whole number"
             raise ConfigError(f"{_key(section, name)}: expects {what} >= {minimum}, got {value!r}")
+
+
+def _between(config: Any, section: str, low: float, high: float, *names: str, above: bool = False) -> None:
+    """Refuse any named number (or entry of a tuple field) outside [low, high], or (low, high]
+    when ``above``; NaN is refused too."""
+    for name in names:
+        value = getattr(config, name)
+        if not all((low < v if above else low <= v) and v <= high
+                   for v in (value if isinstance(value, tuple) else (value,))):
+            what = "numbers" if isinstance(value, tuple) else "a number"
+            where = (f"> {low}" if above else f">= {low}") if high == math.inf else \
+                f"{'above' if above else 'from'} {low} to {high}"
+            raise ConfigError(f"{_key(section, name)}: expects {what} {where}, got {value!r}")
 
 
 def _not_empty(config: Any, section: str, *names: str) -> None:
@@ -83,6 +97,7 @@ class InputConfig:
         _not_empty(self, "model.input", "min_size_train")
         _at_least(self, "model.input", 1, "min_size_train", "min_size_test", "max_size")
         _at_least(self, "model.input", 0, "size_divisibility")
+        _between(self, "model.input", 0, math.inf, "pixel_scale", "pixel_std", above=True)
 
 
 @dataclass(frozen=True)
@@ -102,6 +117,7 @@ class BackboneConfig:
         _one_of(self, "model.backbone", "norm", NORMS)
         _at_least(self, "model.backbone", 1, "groups", "width_per_group", "fpn_channels")
         _at_least(self, "model.backbone", 0, "freeze_at")
+        _between(self, "model.backbone", 0, math.inf, "norm_eps")
 
 
 @dataclass(frozen=True)
@@ -129,6 +145,14 @@ class RPNConfig:
         _not_empty(self, "model.rpn", "anchor_sizes")
         _at_least(self, "model.rpn", 1, "anchor_sizes", "batch_size_per_image", "pre_nms_topk_train",
                   "pre_nms_topk_test", "post_nms_topk_train", "post_nms_topk_test")
+        _not_empty(self, "model.rpn", "aspect_ratios")
+        _between(self, "model.rpn", 0, math.inf, "aspect_ratios", above=True)
+        _between(self, "model.rpn", 0, 1, "fg_iou", "bg_iou", "positive_fraction", "nms_thresh")
+        _between(self, "model.rpn", 0, math.inf, "min_size", "smooth_l1_beta")
+        if self.bg_iou > self.fg_iou:
+            raise ConfigError(f"model.rpn.bg_iou={self.bg_iou} is above model.rpn.fg_iou={self.fg_iou}; "
+                              "anchors below bg_iou are background and those from fg_iou up foreground, "
+                              "so bg_iou must not exceed fg_iou")
 
 
 @dataclass(frozen=True)
@@ -163,6 +187,10 @@ class RoIHeadsConfig:
                   "box_pooler_resolution", "mask_pooler_resolution", "box_fc_dim", "mask_conv_dims",
                   "detections_per_img")
         _at_least(self, "model.roi_heads", 0, "pooler_sampling_ratio")
+        _between(self, "model.roi_heads", 0, 1, "fg_iou", "positive_fraction", "score_thresh", "nms_thresh",
+                 "mask_threshold")
+        _between(self, "model.roi_heads", 0, math.inf, "box_reg_weights", above=True)
+        _between(self, "model.roi_heads", 0, math.inf, "smooth_l1_beta", "min_box_size")
 
 
 @dataclass(frozen=True)
@@ -200,6 +228,12 @@ class SolverConfig:
         _one_of(self, "solver", "schedule", SCHEDULES)
         _at_least(self, "solver", 1, "ims_per_batch", "log_period")
         _at_least(self, "solver", 0, "max_iter", "warmup_iters", "checkpoint_period", "eval_period")
+        _between(self, "solver", 0, math.inf, "base_lr", "weight_decay", "max_minutes", "steps",
+                 "clip_grad_norm")
+        _between(self, "solver", 0, 1, "warmup_factor")
+        _between(self, "solver", 0, math.inf, "gamma", above=True)
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"solver.momentum: expects a number from 0 to below 1, got {self.momentum!r}")
 
 
 @dataclass(frozen=True)
@@ -216,6 +250,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _at_least(self, "data", 0, "num_workers")
+        _between(self, "data", 0, 1, "flip_prob")
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ def test_train_step_and_inference_shapes(fpn):
             assert o["boxes"][:, 2].max() <= w and o["boxes"][:, 3].max() <= h
 
 
-@pytest.mark.parametrize("score_thresh", [0.0, 1.1])  # every candidate kept / none kept
+@pytest.mark.parametrize("score_thresh", [0.0, 1.0])  # every candidate kept / none (kept: score > thresh)
 def test_mask_probabilities_have_one_shape_with_or_without_detections(monkeypatch, score_thresh):
     """C4 with a 16-pixel mask pooler: res5 halves it to 8, the deconvolution doubles it back."""
     import maskrcnn.modeling.mask_rcnn as mask_rcnn
