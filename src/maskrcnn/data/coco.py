@@ -171,15 +171,15 @@ class _Record:
         boxes[:, 1::2] = boxes[:, 1::2].clip(0, self.height)
         self.boxes = boxes.astype(np.float32)
         self.labels = np.array([category_to_label[a["category_id"]] for a in annotations], dtype=np.int64)
-        self.segmentations = [self._segmentation(a.get("segmentation"), b) for a, b in zip(annotations, boxes)]
+        self.segmentations = [self._segmentation(a) for a in annotations]
         self.any_rle = any(isinstance(s, dict) for s in self.segmentations)
 
-    def _segmentation(self, seg, box: np.ndarray):
+    def _segmentation(self, annotation: dict):
+        seg = annotation.get("segmentation")
         if isinstance(seg, dict):
             return RLEMasks([seg], self.height, self.width).rles[0]  # str/list counts -> bytes
         if not seg:  # no mask drawn: the box is the best mask there is
-            x1, y1, x2, y2 = box.tolist()
-            return [np.array([x1, y1, x2, y1, x2, y2, x1, y2], dtype=np.float64)]
+            seg = box_polygon(annotation["bbox"], self.width, self.height)
         return [np.asarray(p, dtype=np.float64) for p in seg]
 
     def target(self) -> dict:
@@ -189,6 +189,20 @@ class _Record:
             masks = PolygonMasks(self.segmentations, self.height, self.width)
         return {"boxes": torch.from_numpy(self.boxes.copy()), "labels": torch.from_numpy(self.labels.copy()),
                 "masks": masks, "image_id": self.image_id, "orig_size": (self.height, self.width)}
+
+
+def box_polygon(bbox, width: float, height: float) -> list[list[float]]:
+    """COCO [x, y, w, h] -> the box clipped to a ``width`` x ``height`` image as one rectangle
+    polygon: the mask of an annotation without a segmentation, in training and in evaluation.
+
+    >>> box_polygon([-2, 1, 10, 4], 6, 4)
+    [[0.0, 1.0, 6.0, 1.0, 6.0, 4.0, 0.0, 4.0]]
+    """
+    x, y, w, h = (float(v) for v in bbox)
+    width, height = float(width), float(height)
+    x1, x2 = min(max(x, 0.0), width), min(max(x + w, 0.0), width)
+    y1, y2 = min(max(y, 0.0), height), min(max(y + h, 0.0), height)
+    return [[x1, y1, x2, y1, x2, y2, x1, y2]]
 
 
 def _file_state(path: str | Path) -> tuple[int, int] | None:

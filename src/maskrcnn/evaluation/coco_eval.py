@@ -36,6 +36,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 
+from maskrcnn.data.coco import box_polygon
+
 STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 IOU_TYPES = ("bbox", "segm")
 
@@ -98,20 +100,6 @@ def predictions_to_coco(outputs: Sequence[dict], image_ids: Sequence[int],
     return results
 
 
-def _box_polygon(bbox: Sequence[float], image: dict) -> list[list[float]]:
-    """COCO [x, y, w, h] -> the box clipped to the image as one rectangle polygon, as
-    ``CocoDataset`` builds the mask of an annotation without a segmentation.
-
-    >>> _box_polygon([-2, 1, 10, 4], {"height": 4, "width": 6})
-    [[0.0, 1.0, 6.0, 1.0, 6.0, 4.0, 0.0, 4.0]]
-    """
-    x, y, w, h = (float(v) for v in bbox)
-    width, height = float(image["width"]), float(image["height"])
-    x1, x2 = min(max(x, 0.0), width), min(max(x + w, 0.0), width)
-    y1, y2 = min(max(y, 0.0), height), min(max(y + h, 0.0), height)
-    return [[x1, y1, x2, y1, x2, y2, x1, y2]]
-
-
 def _segmentation_area(segmentation, image: dict) -> float:
     """Pixel area of a COCO segmentation: polygons, compressed or uncompressed RLE."""
     height, width = image["height"], image["width"]
@@ -145,7 +133,7 @@ def _complete_annotation(ann: dict, image: dict | None) -> dict:
         has_mask = bool(segmentation) and image is not None
         out["area"] = _segmentation_area(segmentation, image) if has_mask else float(w * h)
     if not segmentation and image is not None:
-        out["segmentation"] = _box_polygon(ann["bbox"], image)
+        out["segmentation"] = box_polygon(ann["bbox"], image["width"], image["height"])
     return out
 
 
