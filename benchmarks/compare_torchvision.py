@@ -46,6 +46,7 @@ from common import alternate, parser, pin_pooler_scales  # noqa: E402
 
 from maskrcnn.config import SolverConfig, replace_nested, small_cpu_model  # noqa: E402
 from maskrcnn.engine.optimizer import build_optimizer, dense_layout  # noqa: E402
+from maskrcnn.engine.trainer import cpu_training_kernels  # noqa: E402
 from maskrcnn.interop.torchvision import from_torchvision  # noqa: E402
 from maskrcnn.modeling.mask_rcnn import build_model  # noqa: E402
 from maskrcnn.modeling.transform import resize_scale  # noqa: E402
@@ -176,7 +177,7 @@ def train_step(repeats: int, name: str, bf16: bool = False, **changes) -> None:
                                                "rpn.anchor_round": True, **changes})
     torch.manual_seed(0)
     tv = small_tv_model(cfg).train()
-    ours = build_model(cfg).use_channels_last().train()  # as our trainer does on the CPU
+    ours = cpu_training_kernels(build_model(cfg)).train()  # as our trainer does on the CPU
     g = torch.Generator().manual_seed(0)
     images = [torch.rand(3, 240 + 16 * i, 320, generator=g) for i in range(4)]
     targets = []

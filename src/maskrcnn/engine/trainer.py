@@ -22,7 +22,7 @@ import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +34,10 @@ from maskrcnn.engine import distributed as dist
 from maskrcnn.engine.checkpoint import last_checkpoint, load_checkpoint, read_checkpoint_info, save_checkpoint
 from maskrcnn.engine.optimizer import build_optimizer, dense_layout, param_groups
 from maskrcnn.engine.schedule import lr_at
+from maskrcnn.ops.small_map_conv import use_small_map_conv
+
+if TYPE_CHECKING:
+    from maskrcnn.modeling.mask_rcnn import MaskRCNN
 
 Callback = Callable[[int, dict], None]
 
@@ -144,6 +148,14 @@ def seed_everything(*keys: int) -> None:
     torch.manual_seed(seed)
 
 
+def cpu_training_kernels(model: MaskRCNN) -> MaskRCNN:
+    """What the trainer does to a model it trains on the CPU: channels-last weights and
+    activations (oneDNN's layout: no reorders around each conv) and ``SmallMapConv2d``'s weight
+    gradients (res5's convolutions on small images). The same sums, in another order."""
+    use_small_map_conv(model)
+    return model.use_channels_last()
+
+
 class _Trainer:
     """The state of one training run; :func:`train` is its public face."""
 
@@ -208,7 +220,7 @@ class _Trainer:
         s = self.config.solver
         self.model = build_model(self.config.model).to(self.device)
         if self.device.type == "cpu":
-            self.model.use_channels_last()  # oneDNN's layout: no reorders around each conv
+            cpu_training_kernels(self.model)
         try:
             self.model.use_bf16(s.bf16)
         except ValueError as e:

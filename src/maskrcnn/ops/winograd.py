@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from maskrcnn.ops.conv_swap import SwappedConv2d, is_3x3_same, swap_convs
+from maskrcnn.ops.small_map_conv import SmallMapConv2d
 from maskrcnn.ops.weight_cache import WeightCache
 
 _BT = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
@@ -127,7 +129,7 @@ def _parts(size: int) -> list[tuple[int, int, int]]:
     return [(0, full, 4)] * (full > 0) + [(full, full + 1, rest)] * (rest > 0)
 
 
-class WinogradConv2d(nn.Conv2d):
+class WinogradConv2d(SwappedConv2d):
     """A 3x3, stride-1, padding-1 ``nn.Conv2d`` that runs as ``conv3x3`` when it is only
     predicting on the CPU in float32 (no autograd, no autocast); otherwise as the plain conv.
     Same parameters and state dict as the conv it replaces. The transformed filters are computed
@@ -135,17 +137,7 @@ class WinogradConv2d(nn.Conv2d):
 
     @classmethod
     def eligible(cls, conv: nn.Module) -> bool:
-        return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
-                and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
-                and conv.padding_mode == "zeros")
-
-    @classmethod
-    def from_conv(cls, conv: nn.Conv2d) -> "WinogradConv2d":
-        new = cls(conv.in_channels, conv.out_channels, 3, padding=1, bias=conv.bias is not None,
-                  device="meta")
-        new.weight, new.bias = conv.weight, conv.bias
-        new.train(conv.training)
-        return new
+        return type(conv) in (nn.Conv2d, SmallMapConv2d) and is_3x3_same(conv)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -238,11 +230,5 @@ def _copy_places(places: Tensor, maps: Tensor, into: bool) -> None:
 def use_winograd(module: nn.Module, min_channels: int = 128) -> int:
     """Swap every eligible 3x3 conv with at least ``min_channels`` inputs and outputs inside
     ``module`` for a ``WinogradConv2d`` sharing its parameters. Returns the number swapped."""
-    swapped = 0
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if (WinogradConv2d.eligible(child) and child.in_channels >= min_channels
-                    and child.out_channels >= min_channels):
-                setattr(parent, name, WinogradConv2d.from_conv(child))
-                swapped += 1
-    return swapped
+    return swap_convs(module, WinogradConv2d, lambda conv: WinogradConv2d.eligible(conv) and min(
+        conv.in_channels, conv.out_channels) >= min_channels)
