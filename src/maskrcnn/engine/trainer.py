@@ -116,13 +116,14 @@ def train(config: Config, *, resume: bool = False, init_backbone: str | Path | N
     batches, random draws and learning rates as an uninterrupted run); a larger
     ``solver.max_iter`` then extends the run, and ``metrics.jsonl`` keeps its rows up to the
     checkpoint's iteration. The optimizer's state carries over and the solver settings are the
-    config's (the ones that changed are printed); another ``solver.optimizer`` is refused. A run that starts at iteration 0 in a used ``output_dir`` (without
-    ``resume``, or with it but no checkpoint there) empties ``metrics.jsonl`` and overwrites
-    ``config.yaml`` and, at the end, ``model_final.safetensors`` and ``results.json``. Without
-    ``resume``, an earlier run's ``checkpoints`` folder (if it holds a checkpoint) is renamed to
-    ``checkpoints.previous``, deleting any ``checkpoints.previous`` already there, so only the
-    latest earlier run's checkpoints are kept. ``init_backbone`` is an
-    ImageNet ResNet state dict (torchvision ``.pth`` or ``.safetensors``), used on a fresh start.
+    config's (the ones that changed are printed); another ``solver.optimizer`` is refused. A run
+    that starts at iteration 0 in a used ``output_dir`` (without ``resume``, or with it but no
+    checkpoint there) empties ``metrics.jsonl`` and overwrites ``config.yaml`` and, at the end,
+    ``model_final.safetensors`` and ``results.json``. Without ``resume``, an earlier run's
+    ``checkpoints`` folder (if it holds a checkpoint) is renamed to ``checkpoints.previous``,
+    deleting any ``checkpoints.previous`` already there, so only the latest earlier run's
+    checkpoints are kept. ``init_backbone`` is an ImageNet ResNet state dict (torchvision
+    ``.pth`` or ``.safetensors``), used on a fresh start.
     Each callback is called as ``callback(iteration, losses)`` after every iteration, in every
     process, with the losses averaged over processes; an exception from it ends training as a
     kill would (nothing more is written). Launched by ``torchrun`` with several processes, each
