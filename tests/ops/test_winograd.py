@@ -51,8 +51,9 @@ def test_use_winograd_swaps_only_eligible_convs_and_keeps_the_state_dict():
 
 
 def test_winograd_conv_runs_winograd_only_without_autograd(monkeypatch):
-    """Predicting on float32 CPU tensors takes the Winograd path; a backward pass, autocast and
-    other dtypes take the plain conv, so training through the module is unchanged."""
+    """Predicting on float32 CPU tensors takes the Winograd path; a backward pass, autocast,
+    other dtypes and maps thinner than a tile take the plain conv, so training through the
+    module is unchanged."""
     conv = nn.Conv2d(8, 8, 3, padding=1)
     fast = WinogradConv2d.from_conv(conv)
     calls = []
@@ -67,6 +68,8 @@ def test_winograd_conv_runs_winograd_only_without_autograd(monkeypatch):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert fast(x).dtype == torch.bfloat16
     with torch.no_grad():
+        fast(x[:, :, :3])  # thinner than a tile
+        fast(x[:, :, :, :3])
         fast.double()(x.double())
     assert len(calls) == 1
 
