@@ -8,8 +8,8 @@ With the 3x3 neighbourhoods of the input laid out as rows (im2col: P rows of 9 C
 that is one matrix product, dY^T (C_out, P) @ patches (P, 9 C_in). oneDNN's CPU kernel for this
 gradient runs at a third to a half of the matrix-product rate when the maps are small and the
 channels many: res5 of a ResNet on 256-pixel images, 4 maps of 8x11 pixels with 512 channels,
-took 26-30 ms in float32 against 10-12 ms for the product (10 and 4 ms in bfloat16; 2 Xeon
-cores). On larger maps oneDNN is as fast or faster, so the product is used only while the
+took 26-30 ms in float32 against 10-12 ms for the product (10-13 against 4-5 ms in bfloat16;
+2 Xeon cores). On larger maps oneDNN is as fast or faster, so the product is used only while the
 batch has no more output pixels than the convolution has input channels; its patches are then
 at most 9 C_in^2 values, the size of the weights.
 """
