@@ -34,7 +34,7 @@ def build_optimizer(solver, groups: list[dict]) -> torch.optim.Optimizer:
 
     The fused implementation updates all parameters in one kernel: the same maths, and on a CPU
     2.4x (SGD) to 5x (AdamW) faster than the per-parameter loop, about 35 ms of each step of
-    the small model with AdamW. A torch without it for these parameters gets the plain loop.
+    the small model with AdamW. Parameters on a device without it get the plain loop.
 
     >>> from maskrcnn.config import SolverConfig
     >>> type(build_optimizer(SolverConfig(optimizer="adamw"), [{"params": [nn.Parameter(torch.zeros(1))]}])).__name__
@@ -48,7 +48,7 @@ def build_optimizer(solver, groups: list[dict]) -> torch.optim.Optimizer:
         raise ConfigError(f"solver.optimizer: unknown optimizer '{solver.optimizer}'; use 'sgd' or 'adamw'")
     try:  # the optimizer fills defaults into the group dicts, so each attempt gets copies
         return make([dict(g) for g in groups], fused=True)
-    except (RuntimeError, TypeError):  # torch < 2.4: fused kernels for CUDA only, SGD without any
+    except (RuntimeError, TypeError):  # a device without fused kernels for these parameters
         return make([dict(g) for g in groups])
 
 
