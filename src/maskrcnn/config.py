@@ -34,26 +34,31 @@ def _key(section: str, name: str) -> str:
     return f"{section}.{name}" if section else name
 
 
+def _numbers(config: Any, section: str, names: tuple[str, ...], ok, expected: str,
+             kind: str = "number") -> None:
+    """Refuse any named number (or entry of a tuple field) for which ``ok`` is false, saying
+    it ``expects a {kind} {expected}``; NaN fails every comparison, so it is refused too."""
+    for name in names:
+        value = getattr(config, name)
+        if not all(ok(v) for v in (value if isinstance(value, tuple) else (value,))):
+            what = f"{kind}s" if isinstance(value, tuple) else f"a {kind}"
+            raise ConfigError(f"{_key(section, name)}: expects {what} {expected}, got {value!r}")
+
+
 def _at_least(config: Any, section: str, minimum: int, *names: str) -> None:
     """Refuse any named integer field (or entry of a tuple field) below ``minimum``."""
-    for name in names:
-        value = getattr(config, name)
-        if any(v < minimum for v in (value if isinstance(value, tuple) else (value,))):
-            what = "whole numbers" if isinstance(value, tuple) else "a whole number"
-            raise ConfigError(f"{_key(section, name)}: expects {what} >= {minimum}, got {value!r}")
+    _numbers(config, section, names, lambda v: v >= minimum, f">= {minimum}", kind="whole number")
 
 
-def _between(config: Any, section: str, low: float, high: float, *names: str, above: bool = False) -> None:
-    """Refuse any named number (or entry of a tuple field) outside [low, high], or (low, high]
-    when ``above``; NaN is refused too."""
-    for name in names:
-        value = getattr(config, name)
-        if not all((low < v if above else low <= v) and v <= high
-                   for v in (value if isinstance(value, tuple) else (value,))):
-            what = "numbers" if isinstance(value, tuple) else "a number"
-            where = (f"> {low}" if above else f">= {low}") if high == math.inf else \
-                f"{'above' if above else 'from'} {low} to {high}"
-            raise ConfigError(f"{_key(section, name)}: expects {what} {where}, got {value!r}")
+def _between(config: Any, section: str, low: float, high: float, *names: str) -> None:
+    """Refuse any named number outside [low, high] (``high`` may be ``math.inf``)."""
+    expected = f">= {low}" if high == math.inf else f"from {low} to {high}"
+    _numbers(config, section, names, lambda v: low <= v <= high, expected)
+
+
+def _positive(config: Any, section: str, *names: str) -> None:
+    """Refuse any named number that is not above 0."""
+    _numbers(config, section, names, lambda v: v > 0, "> 0")
 
 
 def _not_empty(config: Any, section: str, *names: str) -> None:
@@ -97,7 +102,7 @@ class InputConfig:
         _not_empty(self, "model.input", "min_size_train")
         _at_least(self, "model.input", 1, "min_size_train", "min_size_test", "max_size")
         _at_least(self, "model.input", 0, "size_divisibility")
-        _between(self, "model.input", 0, math.inf, "pixel_scale", "pixel_std", above=True)
+        _positive(self, "model.input", "pixel_scale", "pixel_std")
 
 
 @dataclass(frozen=True)
@@ -146,7 +151,7 @@ class RPNConfig:
         _at_least(self, "model.rpn", 1, "anchor_sizes", "batch_size_per_image", "pre_nms_topk_train",
                   "pre_nms_topk_test", "post_nms_topk_train", "post_nms_topk_test")
         _not_empty(self, "model.rpn", "aspect_ratios")
-        _between(self, "model.rpn", 0, math.inf, "aspect_ratios", above=True)
+        _positive(self, "model.rpn", "aspect_ratios")
         _between(self, "model.rpn", 0, 1, "fg_iou", "bg_iou", "positive_fraction", "nms_thresh")
         _between(self, "model.rpn", 0, math.inf, "min_size", "smooth_l1_beta")
         if self.bg_iou > self.fg_iou:
@@ -189,7 +194,7 @@ class RoIHeadsConfig:
         _at_least(self, "model.roi_heads", 0, "pooler_sampling_ratio")
         _between(self, "model.roi_heads", 0, 1, "fg_iou", "positive_fraction", "score_thresh", "nms_thresh",
                  "mask_threshold")
-        _between(self, "model.roi_heads", 0, math.inf, "box_reg_weights", above=True)
+        _positive(self, "model.roi_heads", "box_reg_weights")
         _between(self, "model.roi_heads", 0, math.inf, "smooth_l1_beta", "min_box_size")
 
 
@@ -231,9 +236,8 @@ class SolverConfig:
         _between(self, "solver", 0, math.inf, "base_lr", "weight_decay", "max_minutes", "steps",
                  "clip_grad_norm")
         _between(self, "solver", 0, 1, "warmup_factor")
-        _between(self, "solver", 0, math.inf, "gamma", above=True)
-        if not 0 <= self.momentum < 1:
-            raise ConfigError(f"solver.momentum: expects a number from 0 to below 1, got {self.momentum!r}")
+        _positive(self, "solver", "gamma")
+        _numbers(self, "solver", ("momentum",), lambda v: 0 <= v < 1, "from 0 to below 1")
 
 
 @dataclass(frozen=True)
