@@ -17,18 +17,19 @@ def assert_winograd_close(got, expected):
 @pytest.mark.parametrize("chunk", [1, 3, 192])
 def test_conv3x3_equals_the_direct_convolution(shape, chunk, monkeypatch):
     """Any size (partial last tiles, several images per chunk, chunks across rows), with and
-    without bias, to float32 rounding; output in channels-last memory."""
+    without bias, with and without the ReLU, to float32 rounding; output in channels-last
+    memory."""
     monkeypatch.setattr(winograd, "_TILES_PER_CHUNK", chunk)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g).contiguous(memory_format=torch.channels_last)
     weight = torch.randn(6, shape[1], 3, 3, generator=g)
     bias = torch.randn(6, generator=g)
-    for b in (None, bias):
+    for b, relu in ((None, False), (bias, False), (bias, True)):
         expected = F.conv2d(x.double(), weight.double(), None if b is None else b.double(), padding=1)
-        got = conv3x3(x, winograd_weights(weight), b)
+        got = conv3x3(x, winograd_weights(weight), b, relu)
         assert got.shape == expected.shape
         assert got.is_contiguous(memory_format=torch.channels_last)
-        assert_winograd_close(got.double(), expected)
+        assert_winograd_close(got.double(), expected.relu() if relu else expected)
 
 
 def test_conv3x3_reads_contiguous_input_too():
@@ -61,17 +62,19 @@ def test_winograd_conv_runs_winograd_only_without_autograd(monkeypatch):
     x = torch.randn(1, 8, 6, 6, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert_winograd_close(fast(x), conv(x))
-    assert len(calls) == 1
-    y = fast(x.requires_grad_())
+        assert_winograd_close(fast(x, relu=True), F.relu(conv(x)))
+    assert len(calls) == 2
+    y = fast(x.requires_grad_(), relu=True)
+    assert torch.equal(y, F.relu(conv(x)))
     y.sum().backward()
-    assert len(calls) == 1 and conv.weight.grad is not None
+    assert len(calls) == 2 and conv.weight.grad is not None
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert fast(x).dtype == torch.bfloat16
     with torch.no_grad():
         fast(x[:, :, :3])  # thinner than a tile
         fast(x[:, :, :, :3])
         fast.double()(x.double())
-    assert len(calls) == 1
+    assert len(calls) == 2
 
 
 def test_transformed_weights_follow_in_place_weight_changes():

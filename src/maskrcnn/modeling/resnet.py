@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from maskrcnn.ops.conv_relu import conv_relu, onednn_fusable
+
 
 def norm_scale_and_shift(weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor,
                          eps: float) -> tuple[Tensor, Tensor]:
@@ -76,13 +78,12 @@ class BasicBlock(nn.Module):
         self.bn1 = make_norm(norm, width, eps)
         self.conv2 = nn.Conv2d(width, out_ch, 3, 1, 1, bias=False)
         self.bn2 = make_norm(norm, out_ch, eps)
-        self.relu = nn.ReLU(inplace=True)
         self.downsample = _shortcut(in_ch, out_ch, stride, norm, eps)
         self.fused_end = False  # set by ``fuse_block_ends``
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
+        out = conv_norm_relu(self.conv1, self.bn1, x)
         return residual_relu(self.conv2, self.bn2, out, identity, self.fused_end)
 
 
@@ -103,14 +104,13 @@ class Bottleneck(nn.Module):
         self.bn2 = make_norm(norm, inner, eps)
         self.conv3 = nn.Conv2d(inner, out_ch, 1, bias=False)
         self.bn3 = make_norm(norm, out_ch, eps)
-        self.relu = nn.ReLU(inplace=True)
         self.downsample = _shortcut(in_ch, out_ch, stride, norm, eps)
         self.fused_end = False  # set by ``fuse_block_ends``
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
+        out = conv_norm_relu(self.conv1, self.bn1, x)
+        out = conv_norm_relu(self.conv2, self.bn2, out)
         return residual_relu(self.conv3, self.bn3, out, identity, self.fused_end)
 
 
@@ -133,14 +133,16 @@ def residual_relu(conv: nn.Module, norm: nn.Module, x: Tensor, identity: Tensor,
 
 
 def _fusable(conv: nn.Module, norm: nn.Module, x: Tensor, identity: Tensor) -> bool:
-    channels_last = torch.channels_last
-    return (type(conv) is nn.Conv2d and conv.bias is not None and isinstance(norm, nn.Identity)
-            and torch.backends.mkldnn.is_available() and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu") and x.device.type == "cpu"
-            and x.dtype == identity.dtype == conv.weight.dtype == torch.float32
-            and x.is_contiguous(memory_format=channels_last)
-            and identity.is_contiguous(memory_format=channels_last)
-            and conv.weight.is_contiguous(memory_format=channels_last))
+    return (isinstance(norm, nn.Identity) and onednn_fusable(conv, x) and identity.dtype == x.dtype
+            and identity.is_contiguous(memory_format=torch.channels_last))
+
+
+def conv_norm_relu(conv: nn.Module, norm: nn.Module, x: Tensor) -> Tensor:
+    """relu(norm(conv(x))), (N, C, H, W); in one pass over the output (``ops.conv_relu``) once
+    ``fold_norms`` has put the norm into the conv."""
+    if isinstance(norm, nn.Identity):
+        return conv_relu(conv, x)
+    return F.relu(norm(conv(x)), inplace=True)
 
 
 def fuse_block_ends(module: nn.Module) -> int:

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from maskrcnn.modeling.anchors import AnchorGenerator
 from maskrcnn.modeling.matcher import BETWEEN, match, sample_balanced
 from maskrcnn.ops import batched_nms, box_iou, clip_boxes, decode, encode, remove_small_boxes
+from maskrcnn.ops.conv_relu import conv_relu
 
 
 class RPNHead(nn.Module):
@@ -27,7 +28,7 @@ class RPNHead(nn.Module):
         """Levels (N, C, H_l, W_l) -> logits (N, sum H_l W_l A), deltas (N, sum H_l W_l A, 4)."""
         logits, deltas = [], []
         for x in features:
-            x = F.relu(self.conv(x), inplace=True)
+            x = conv_relu(self.conv, x)
             n, _, h, w = x.shape
             logits.append(self.objectness(x).permute(0, 2, 3, 1).reshape(n, -1))
             d = self.deltas(x).view(n, -1, 4, h, w)  # (N, A, 4, H, W)

@@ -22,6 +22,7 @@ the intermediates stay small; fresh large tensors cost page faults on every call
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maskrcnn.ops.conv_swap import SwappedConv2d, is_3x3_same, swap_convs
@@ -36,6 +37,7 @@ _AT = [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 
 # 2 Xeon cores, 256-channel P2 conv, earlier (36, tiles x C) layout: 114 ms; 121 at 96 tiles, 124
 # at 384. 2 EPYC cores, tile-major: no other size faster on every conv (96, 384, 768 tried).
 _TILES_PER_CHUNK = 192
+_ONES_COLUMN = 7  # the 6x6 block's (1, 1) entry: its column of the output transform is all ones
 
 
 def _matrix(rows) -> Tensor:
@@ -63,11 +65,16 @@ def _transforms(like: Tensor) -> tuple[Tensor, Tensor]:
     return torch.kron(bt, bt).to(like), torch.kron(at, at).to(like)
 
 
-def conv3x3(x: Tensor, u: Tensor, bias: Tensor | None = None) -> Tensor:
+def conv3x3(x: Tensor, u: Tensor, bias: Tensor | None = None, relu: bool = False) -> Tensor:
     """The 3x3 convolution with stride 1 and padding 1 of ``x`` (N, C_in, H, W) by the filters
-    whose ``winograd_weights`` are ``u`` (36, C_in, C_out), plus ``bias`` (C_out,).
+    whose ``winograd_weights`` are ``u`` (36, C_in, C_out), plus ``bias`` (C_out,), through a
+    ReLU if ``relu``.
 
     Returns (N, C_out, H, W) in channels-last memory. No autograd: for inference.
+
+    Column 7 of the output transform, the 6x6 block's (1, 1) entry, is all ones, so the bias
+    goes into that one of the 36 products, (tiles, C_out), instead of into every output pixel;
+    the ReLU is applied as the blocks are written out. Both save a pass over the output map.
     """
     n, c, h, w = x.shape
     co = u.shape[2]
@@ -102,24 +109,27 @@ def conv3x3(x: Tensor, u: Tensor, bias: Tensor | None = None) -> Tensor:
             d[:k].view(ni, nr, tw, 6, 6, c).copy_(tile_view)
             vk = torch.bmm(kb[:k], d[:k], out=v[:k])  # (k, 36, C_in)
             mk = torch.bmm(vk.transpose(0, 1), u, out=m[:, :k])  # (36, k, C_out)
+            if bias is not None:
+                mk[_ONES_COLUMN].add_(bias)
             yk = torch.bmm(ka[:k], mk.transpose(0, 1), out=y[:k])  # (k, 16, C_out)
-            _put(out[i0:i1, 4 * r0:min(h, 4 * r1)], yk.view(ni, nr, tw, 4, 4, co), bias)
+            _put(out[i0:i1, 4 * r0:min(h, 4 * r1)], yk.view(ni, nr, tw, 4, 4, co), relu)
     return out.permute(0, 3, 1, 2)
 
 
-def _put(dest: Tensor, blocks: Tensor, bias: Tensor | None) -> None:
+def _put(dest: Tensor, blocks: Tensor, relu: bool) -> None:
     """Write output blocks (n, rows, cols, 4, 4, C) into ``dest`` (n, H, W, C), H <= 4 rows and
-    W <= 4 cols, adding ``bias``: full blocks in one copy, a partial last row or column apart."""
+    W <= 4 cols, through a ReLU if ``relu``: full blocks in one copy, a partial last row or
+    column apart."""
     blocks = blocks.permute(0, 1, 3, 2, 4, 5)  # (n, rows, 4, cols, 4, C)
     for r0, r1, sr in _parts(dest.shape[1]):
         band = dest.narrow(1, 4 * r0, (r1 - r0) * sr).unflatten(1, (r1 - r0, sr))
         for c0, c1, sc in _parts(dest.shape[2]):
             d = band.narrow(3, 4 * c0, (c1 - c0) * sc).unflatten(3, (c1 - c0, sc))
             s = blocks[:, r0:r1, :sr, c0:c1, :sc]
-            if bias is None:
-                d.copy_(s)
+            if relu:
+                torch.clamp_min(s, 0, out=d)
             else:
-                torch.add(s, bias, out=d)
+                d.copy_(s)
 
 
 def _parts(size: int) -> list[tuple[int, int, int]]:
@@ -153,11 +163,14 @@ class WinogradConv2d(SwappedConv2d):
                 and min(x.shape[-2:]) >= 4 and not torch.is_autocast_enabled("cpu")
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, relu: bool = False) -> Tensor:
+        """The conv of ``x`` (N, C_in, H, W), through a ReLU if ``relu`` (in the same pass on
+        the fast path)."""
         if not self.fast(x):
-            return super().forward(x)
+            y = super().forward(x)
+            return F.relu(y, inplace=True) if relu else y
         bias = None if self.bias is None else self.bias.detach()
-        return conv3x3(x, self._transformed(self.weight), bias)
+        return conv3x3(x, self._transformed(self.weight), bias, relu)
 
 
 _MOSAIC_ACROSS = 3
@@ -178,11 +191,11 @@ def conv_relu_stack(x: Tensor, convs) -> Tensor:
               and all(isinstance(c, WinogradConv2d) and c.fast(x) for c in convs))
     if not mosaic:
         for conv in convs:
-            x = torch.relu_(conv(x))
+            x = conv(x, relu=True) if isinstance(conv, WinogradConv2d) else torch.relu_(conv(x))
         return x
     y = to_mosaic(x, _MOSAIC_ACROSS)
     for conv in convs:
-        y = torch.relu_(conv(y))
+        y = conv(y, relu=True)
         pixels = y[0].permute(1, 2, 0)  # (rows, columns, C), channels-last
         pixels[h::h + 1].zero_()
         pixels[:, w::w + 1].zero_()
