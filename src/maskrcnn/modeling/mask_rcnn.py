@@ -56,7 +56,8 @@ class MaskRCNN(nn.Module):
         """The CPU fast path, for a model that will only predict from now on: fixed-statistics
         norms are folded into the convs before them, every conv runs on channels-last tensors
         (the layout of the CPU convolution kernels, oneDNN), each residual block ends in one
-        fused conv + sum + ReLU, and the 3x3 convs with 128 or more channels run by Winograd's
+        fused conv + sum + ReLU and its other convs write through their ReLU
+        (``ops.conv_relu``), and the 3x3 convs with 128 or more channels run by Winograd's
         F(4x4, 3x3) in float32 on the CPU (``ops.winograd``: about twice as fast as oneDNN on
         the 256-channel P2 conv), the 3x3 end convs of such ResNet-18/34 blocks included, which
         are then not fused. Float rounding differs from the plain path (about 1e-5 of each
