@@ -3,8 +3,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from maskrcnn.ops.conv_relu import conv_relu
-from maskrcnn.ops.winograd import WinogradConv2d
+from maskrcnn.ops import conv_relu as conv_relu_module
+from maskrcnn.ops import winograd
+from maskrcnn.ops.conv_relu import conv_relu, conv_relu_stack
+from maskrcnn.ops.winograd import WinogradConv2d, conv3x3
+from test_winograd import assert_winograd_close  # tests/ops is on the path: no package there
 
 
 def _pointwise_calls(run):
@@ -46,3 +49,41 @@ def test_conv_relu_passes_the_relu_to_a_winograd_conv(monkeypatch):
     monkeypatch.setattr(WinogradConv2d, "forward", lambda self, x, relu=False: seen.append(relu) or x)
     conv_relu(conv, x)
     assert seen == [True]
+
+
+@pytest.mark.parametrize("r, h, w", [(12, 14, 14), (13, 14, 14), (14, 5, 7)])
+def test_conv_relu_stack_of_a_mosaic_equals_one_map_at_a_time(r, h, w, monkeypatch):
+    """Many small maps go through the convs as one mosaic (full rows of places and a partial
+    last one), with the same result as each map alone, to Winograd's rounding."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(r, 8, h, w, generator=g).contiguous(memory_format=torch.channels_last)
+    convs = [nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 6, 3, padding=1)]
+    with torch.no_grad():
+        for conv in convs:
+            conv.bias.normal_(generator=g)  # the seams' nonzero biases must not leak
+        expected = x.double()
+        for conv in convs:
+            expected = F.relu(F.conv2d(expected, conv.weight.double(), conv.bias.double(), padding=1))
+        fast = [WinogradConv2d.from_conv(c) for c in convs]
+        shapes = []
+        monkeypatch.setattr(winograd, "conv3x3", lambda x, *a: shapes.append(x.shape) or conv3x3(x, *a))
+        got = conv_relu_stack(x, fast)
+    rows = -(-r // 3)
+    assert shapes == [(1, 8, rows * (h + 1) - 1, 3 * (w + 1) - 1)] * 2
+    assert got.shape == (r, 6, h, w) and got.is_contiguous(memory_format=torch.channels_last)
+    assert_winograd_close(got.double(), expected)
+
+
+def test_conv_relu_stack_goes_one_map_at_a_time_for_few_maps_or_in_training(monkeypatch):
+    convs = [WinogradConv2d.from_conv(nn.Conv2d(4, 4, 3, padding=1))]
+    calls = []
+    monkeypatch.setattr(conv_relu_module, "to_mosaic", lambda *a, f=winograd.to_mosaic: calls.append(1) or f(*a))
+    x = torch.randn(conv_relu_module._MOSAIC_MIN_MAPS, 4, 6, 6)
+    with torch.no_grad():
+        conv_relu_stack(x[:-1], convs)
+        assert conv_relu_stack(x, []) is x  # no convs (the C4 mask head)
+    conv_relu_stack(x.requires_grad_(), convs).sum().backward()
+    assert not calls and convs[0].weight.grad is not None
+    with torch.no_grad():
+        conv_relu_stack(x, convs)
+    assert calls == [1]

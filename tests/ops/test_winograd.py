@@ -89,29 +89,6 @@ def test_transformed_weights_follow_in_place_weight_changes():
         assert_winograd_close(conv(x), expected)
 
 
-@pytest.mark.parametrize("r, h, w", [(12, 14, 14), (13, 14, 14), (14, 5, 7)])
-def test_conv_relu_stack_of_a_mosaic_equals_one_map_at_a_time(r, h, w, monkeypatch):
-    """Many small maps go through the convs as one mosaic (full rows of places and a partial
-    last one), with the same result as each map alone, to Winograd's rounding."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(r, 8, h, w, generator=g).contiguous(memory_format=torch.channels_last)
-    convs = [nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 6, 3, padding=1)]
-    with torch.no_grad():
-        for conv in convs:
-            conv.bias.normal_(generator=g)  # the seams' nonzero biases must not leak
-        expected = x.double()
-        for conv in convs:
-            expected = F.relu(F.conv2d(expected, conv.weight.double(), conv.bias.double(), padding=1))
-        fast = [WinogradConv2d.from_conv(c) for c in convs]
-        shapes = []
-        monkeypatch.setattr(winograd, "conv3x3", lambda x, *a: shapes.append(x.shape) or conv3x3(x, *a))
-        got = winograd.conv_relu_stack(x, fast)
-    rows = -(-r // 3)
-    assert shapes == [(1, 8, rows * (h + 1) - 1, 3 * (w + 1) - 1)] * 2
-    assert got.shape == (r, 6, h, w) and got.is_contiguous(memory_format=torch.channels_last)
-    assert_winograd_close(got.double(), expected)
-
-
 def test_mosaic_places_maps_between_zero_seams_and_gives_them_back():
     x = torch.arange(1.0, 1 + 4 * 2 * 2 * 3).view(4, 2, 2, 3)  # (R, C, H, W)
     mosaic = winograd.to_mosaic(x, across=3)
@@ -120,18 +97,3 @@ def test_mosaic_places_maps_between_zero_seams_and_gives_them_back():
     assert mosaic[0, :, 2].abs().sum() == 0 and mosaic[0, :, :, 3].abs().sum() == 0  # seams
     assert mosaic[0, :, 3:, 4:].abs().sum() == 0  # the places after the last map
     assert torch.equal(winograd.from_mosaic(mosaic, 4, 2, 3), x)
-
-
-def test_conv_relu_stack_goes_one_map_at_a_time_for_few_maps_or_in_training(monkeypatch):
-    convs = [WinogradConv2d.from_conv(nn.Conv2d(4, 4, 3, padding=1))]
-    calls = []
-    monkeypatch.setattr(winograd, "to_mosaic", lambda *a, f=winograd.to_mosaic: calls.append(1) or f(*a))
-    x = torch.randn(winograd._MOSAIC_MIN_MAPS, 4, 6, 6)
-    with torch.no_grad():
-        winograd.conv_relu_stack(x[:-1], convs)
-        assert winograd.conv_relu_stack(x, []) is x  # no convs (the C4 mask head)
-    winograd.conv_relu_stack(x.requires_grad_(), convs).sum().backward()
-    assert not calls and convs[0].weight.grad is not None
-    with torch.no_grad():
-        winograd.conv_relu_stack(x, convs)
-    assert calls == [1]

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maskrcnn.ops import roi_align
-from maskrcnn.ops.winograd import conv_relu_stack
+from maskrcnn.ops.conv_relu import conv_relu_stack
 
 
 class MaskHead(nn.Module):

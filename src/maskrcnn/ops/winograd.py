@@ -173,41 +173,13 @@ class WinogradConv2d(SwappedConv2d):
         return conv3x3(x, self._transformed(self.weight), bias, relu)
 
 
-_MOSAIC_ACROSS = 3
-_MOSAIC_MIN_MAPS = 12  # 7 RoIs: 1.10x the time one by one (2 of 9 places empty); 12: 0.84x
-
-
-def conv_relu_stack(x: Tensor, convs) -> Tensor:
-    """``x`` (R, C, H, W) through [3x3 conv, ReLU] for each of ``convs`` in turn.
-
-    Many small maps, such as the mask head's 14x14 RoI features, waste a quarter of Winograd's
-    work one by one: a 14-pixel side takes four 4-pixel tiles, 16 pixels. So when at least
-    ``_MOSAIC_MIN_MAPS`` maps go through ``WinogradConv2d``'s fast path, they go as one mosaic
-    (``to_mosaic``) instead, whose seams are cleared after each ReLU: three 14-pixel maps and
-    their two seams are 44 pixels, 11 tiles. The same sums as one map at a time, tiled
-    differently (100 RoIs of 256 channels, four convs: 0.88x-0.93x the time, 2 Xeon cores)."""
-    r, _, h, w = x.shape
-    mosaic = (len(convs) > 0 and r >= _MOSAIC_MIN_MAPS
-              and all(isinstance(c, WinogradConv2d) and c.fast(x) for c in convs))
-    if not mosaic:
-        for conv in convs:
-            x = conv(x, relu=True) if isinstance(conv, WinogradConv2d) else torch.relu_(conv(x))
-        return x
-    y = to_mosaic(x, _MOSAIC_ACROSS)
-    for conv in convs:
-        y = conv(y, relu=True)
-        pixels = y[0].permute(1, 2, 0)  # (rows, columns, C), channels-last
-        pixels[h::h + 1].zero_()
-        pixels[:, w::w + 1].zero_()
-    return from_mosaic(y, r, h, w)
-
-
 def to_mosaic(x: Tensor, across: int) -> Tensor:
     """(R, C, H, W) -> (1, C, rows (H + 1) - 1, across (W + 1) - 1), channels-last: the maps
     ``across`` to a row, each but the last of a row or column followed by a zero seam, a row or
     column of zeros; the places after the R-th map are zero. A 3x3 convolution with zero
     padding of 1 gives each map's pixels what it gives the map alone, as long as the seams are
-    zero: a pixel's 3x3 neighbourhood reaches into a seam, not past it."""
+    zero: a pixel's 3x3 neighbourhood reaches into a seam, not past it (the mask head's convs,
+    ``ops.conv_relu.conv_relu_stack``)."""
     r, c, h, w = x.shape
     rows = -(-r // across)
     mosaic = x.new_zeros((rows * (h + 1) - 1, across * (w + 1) - 1, c))
