@@ -11,8 +11,8 @@ def _reference(head: BoxHead, x: torch.Tensor) -> torch.Tensor:
 
 
 def test_channels_last_prediction_equals_the_flattened_product():
-    """The fc6-as-convolution path reads channels-last features in (C, S, S) order, like the
-    matrix product on the flattened features that training uses."""
+    """The fast path's product of channels-last rows by permuted weights equals the matrix
+    product on the (C, S, S)-flattened features that training uses."""
     torch.manual_seed(0)
     head = BoxHead(8 * 7 * 7, 32)
     torch.nn.init.normal_(head.fc6.bias)
@@ -27,7 +27,7 @@ def test_channels_last_prediction_equals_the_flattened_product():
     assert head.fc6.weight.grad is not None
 
 
-def test_the_convolution_kernel_follows_changed_weights():
+def test_the_permuted_weights_follow_changed_weights():
     torch.manual_seed(0)
     head = BoxHead(4 * 3 * 3, 6)
     x = torch.randn(2, 4, 3, 3).contiguous(memory_format=torch.channels_last)

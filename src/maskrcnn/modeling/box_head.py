@@ -13,12 +13,11 @@ from maskrcnn.ops.weight_cache import WeightCache
 class BoxHead(nn.Module):
     """(R, C, S, S) pooled features -> FC -> ReLU -> FC -> ReLU -> (R, fc_dim).
 
-    Predicting on channels-last features on the CPU (the fast path), fc6 runs as the S x S
-    convolution with the same weights, which oneDNN does on the channels-last rows as they are:
-    1000 RoIs of 256 x 7 x 7 on two EPYC cores, 133 ms against 144 ms for the matrix product on
-    features already in (C, S, S) order, and 162 ms with the copy into that order first. The
-    convolution's kernel is a channels-last copy of fc6's weights, made on first use and kept
-    until they change.
+    Predicting on channels-last features on the CPU (the fast path), fc6 multiplies each RoI's
+    features in the order they lie in memory, (S, S, C), by a copy of its weights permuted to
+    that order, made on first use and kept until they change: no copy of the features into
+    (C, S, S) order. 1000 RoIs of 256 x 7 x 7 on two Zen 3 EPYC cores (AVX2): 174 ms, against
+    215 ms with that copy and 2.9 s for the same product as oneDNN's 7 x 7 convolution.
     """
 
     def __init__(self, in_features: int, fc_dim: int = 1024):
@@ -29,21 +28,22 @@ class BoxHead(nn.Module):
         for fc in (self.fc6, self.fc7):
             nn.init.kaiming_uniform_(fc.weight, a=1)
             nn.init.zeros_(fc.bias)
-        self._fc6_kernel = WeightCache(_as_kernel)
+        self._fc6_rows = WeightCache(_channels_last_columns)
 
     def forward(self, x: Tensor) -> Tensor:
         if (x.device.type == "cpu" and x.dim() == 4 and not torch.is_grad_enabled()
                 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)):
-            kernel = self._fc6_kernel(self.fc6.weight, x.shape[1:])
-            x = F.conv2d(x, kernel, self.fc6.bias).flatten(1)
+            weight = self._fc6_rows(self.fc6.weight, x.shape[1:])
+            x = F.linear(x.permute(0, 2, 3, 1).flatten(1), weight, self.fc6.bias)
         else:
             x = self.fc6(x.flatten(1))
         return F.relu(self.fc7(F.relu(x, inplace=True)), inplace=True)
 
 
-def _as_kernel(weight: Tensor, chw: torch.Size) -> Tensor:
-    """(D, C*S*S) fully connected weights -> the channels-last (D, C, S, S) kernel."""
-    return weight.view(weight.shape[0], *chw).contiguous(memory_format=torch.channels_last)
+def _channels_last_columns(weight: Tensor, chw: torch.Size) -> Tensor:
+    """(D, C*S*S) fully connected weights, columns in (C, S, S) order -> (D, S*S*C), columns
+    in the (S, S, C) order of a channels-last RoI's memory."""
+    return weight.view(weight.shape[0], *chw).permute(0, 2, 3, 1).flatten(1).contiguous()
 
 
 class BoxPredictor(nn.Module):

@@ -1,7 +1,7 @@
 """A tensor derived from a parameter and kept until the parameter changes.
 
 The CPU fast paths run some layers on a re-laid-out or transformed copy of their weights
-(Winograd's filters, the box head's fc6 as a convolution kernel). Making the copy on every
+(Winograd's filters, the box head's fc6 with its columns permuted). Making the copy on every
 call would cost as much as what it saves, so it is made on first use and made again only when
 the parameter's memory, version counter (which in-place writes such as ``load_state_dict``
 bump), dtype or the arguments change.
