@@ -5,6 +5,7 @@ import torch
 tv_ops = pytest.importorskip("torchvision.ops")
 
 from maskrcnn.ops import batched_nms, nms  # noqa: E402
+from maskrcnn.ops.nms import _float_threshold, _overlapping_pairs, _overlapping_pairs_dense  # noqa: E402
 
 
 def random_set(n, seed, dtype=torch.float32, integer=True):
@@ -73,21 +74,48 @@ def test_empty_input():
     assert empty.dtype == torch.int64 and empty.numel() == 0
 
 
+def pair_codes(first, second, n):
+    return np.sort(np.asarray(first, dtype=np.int64) * n + np.asarray(second, dtype=np.int64))
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("threshold", [0.0, 0.3, 1 / 3, 0.5, 0.7, 0.95])
+def test_the_gpu_paths_brute_force_pairs_are_the_sweeps(threshold, grouped):
+    """CUDA tensors take their overlapping pairs from every pair's IoU, block by block; here
+    on the CPU, with blocks of a few rows: the same pairs as the sweep, so the same NMS."""
+    empty = torch.tensor([[5.0, 5, 5, 9], [5, 5, 5, 9], [0, 0, 10, 10], [2, 2, 2, 2]])  # 0 / 0 IoUs
+    sets = [random_set(1600, 7), random_set(3000, 9, torch.float64, integer=False),
+            random_set(3000, 9, integer=False), (*edge_set(threshold), None), crowd_set(700, 12),
+            (empty, None, torch.tensor([0, 0, 1, 1]))]
+    for boxes, _, idxs in sets:
+        idxs = idxs if idxs is not None else torch.arange(len(boxes)) % 2
+        groups = idxs if grouped else None
+        t = _float_threshold(threshold, boxes.dtype)
+        sweep = _overlapping_pairs(boxes.numpy(), None if groups is None else groups.numpy(), t)
+        dense = _overlapping_pairs_dense(boxes, groups, t, entries=20_000)
+        assert (dense[0] < dense[1]).all()
+        assert np.array_equal(pair_codes(*sweep, len(boxes)), pair_codes(*dense, len(boxes)))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_tensors_give_the_cpu_result_on_the_device():
-    boxes, scores, idxs = random_set(1500, 10)
-    keep = nms(boxes.cuda(), scores.cuda(), 0.5)
-    assert keep.device.type == "cuda"
-    assert torch.equal(keep.cpu(), nms(boxes, scores, 0.5))
-    assert torch.equal(batched_nms(boxes.cuda(), scores.cuda(), idxs.cuda(), 0.5).cpu(),
-                       batched_nms(boxes, scores, idxs, 0.5))
+    # batched_nms switches from one NMS over offset boxes to one per category above 4,000
+    # numbers on the CPU and 100,000 on CUDA, as torchvision does, so each regime on its own
+    for n in (800, 1500, 26_000):
+        boxes, scores, idxs = random_set(n, 10, integer=False)
+        boxes[:, 0::2] += (torch.arange(n) % 100)[:, None] * 1000.0  # 100 clusters, apart
+        keep = nms(boxes.cuda(), scores.cuda(), 0.5)
+        assert keep.device.type == "cuda"
+        assert torch.equal(keep.cpu(), nms(boxes, scores, 0.5))
+        if n != 1500:
+            assert torch.equal(batched_nms(boxes.cuda(), scores.cuda(), idxs.cuda(), 0.5).cpu(),
+                               batched_nms(boxes, scores, idxs, 0.5))
 
 
-@pytest.mark.parametrize("threshold", [0.0, 0.3, 0.5, 0.7, 0.95])
-def test_pairs_at_the_edge_of_the_overlap_bound(threshold):
+def edge_set(threshold):
     """Box j inside box i and ending where i ends has IoU = (x overlap) / (width of i), the
     bound that decides which pairs are examined: starts a few float32 steps either side of
-    ``x1_i + (1 - t) w_i``, at several coordinate magnitudes and widths."""
+    ``x1_i + (1 - t) w_i``, at several coordinate magnitudes and widths. Boxes and scores."""
     rows, scores = [], []
     for k, (base, width) in enumerate([(0.0, 10.0), (1000.0, 0.37), (12345.678, 1000.0), (3.0, 1e-3)]):
         edge = np.float32(base + (1 - threshold) * width)
@@ -98,7 +126,20 @@ def test_pairs_at_the_edge_of_the_overlap_bound(threshold):
             y = 100.0 * (7 * k + step + 3)  # each pair on its own rows: pairs do not interact
             rows += [[base, y, base + width, y + 5], [float(start), y, base + width, y + 5]]
             scores += [0.9, 0.8] if step % 2 else [0.8, 0.9]
-    boxes, scores = torch.tensor(rows), torch.tensor(scores)
+    return torch.tensor(rows), torch.tensor(scores)
+
+
+def crowd_set(n, seed):
+    """n boxes within a few pixels of one another: every pair overlaps."""
+    g = torch.Generator().manual_seed(seed)
+    corner = torch.rand(n, 2, generator=g) * 6
+    boxes = torch.cat([corner, corner + 100 + torch.rand(n, 2, generator=g) * 6], 1)
+    return boxes, torch.rand(n, generator=g), torch.randint(0, 2, (n,), generator=g)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.3, 0.5, 0.7, 0.95])
+def test_pairs_at_the_edge_of_the_overlap_bound(threshold):
+    boxes, scores = edge_set(threshold)
     assert torch.equal(nms(boxes, scores, threshold), tv_ops.nms(boxes, scores, threshold))
     # the same pairs 200 times over in one category each: batched_nms' per-category path
     many = boxes.repeat(200, 1) + torch.arange(200.0).repeat_interleave(len(boxes))[:, None] * 5e4
@@ -109,14 +150,10 @@ def test_pairs_at_the_edge_of_the_overlap_bound(threshold):
 
 @pytest.mark.parametrize("threshold", [0.5, 0.9, 0.97])
 def test_crowds_where_every_box_overlaps_every_other(threshold):
-    # 1500 boxes within a few pixels of one another: more than a million pairs, examined in
-    # several runs, and long chains of boxes whose fate depends on the boxes before them
-    g = torch.Generator().manual_seed(11)
-    corner = torch.rand(1500, 2, generator=g) * 6
-    boxes = torch.cat([corner, corner + 100 + torch.rand(1500, 2, generator=g) * 6], 1)
-    scores = torch.rand(1500, generator=g)
+    # more than a million pairs, examined in several runs, and long chains of boxes whose
+    # fate depends on the boxes before them
+    boxes, scores, idxs = crowd_set(1500, 11)
     assert torch.equal(nms(boxes, scores, threshold), tv_ops.nms(boxes, scores, threshold))
-    idxs = torch.randint(0, 2, (1500,), generator=g)
     assert torch.equal(batched_nms(boxes, scores, idxs, threshold),
                        tv_ops.batched_nms(boxes, scores, idxs, threshold))
 

@@ -10,6 +10,11 @@ width from the other's start, so the candidate pairs come from a sweep over the 
 x1, and IoU is computed for those pairs only. The greedy pass works on the pairs above the
 threshold: a box that no better box overlaps is kept whatever happens, and what it suppresses
 is one array operation; the rest are visited in order of their better box.
+
+On a GPU the pairs come from a brute-force pass instead: IoU for every pair, a block of rows at
+a time, on the device, where that costs less than the sweep's bookkeeping on the host (the RPN's
+two NMS calls of a two-image R50-FPN training step, about 8,600 boxes each, took 60 ms of its
+126 ms on an H200 with the sweep). Only the pairs above the threshold come to the host.
 """
 
 from __future__ import annotations
@@ -21,11 +26,12 @@ from torch import Tensor
 from maskrcnn.ops.boxes import compute_dtype
 
 _PAIRS = 1 << 20  # candidate pairs examined at once: bounds memory when most boxes overlap
+_DENSE_ENTRIES = 1 << 22  # IoUs computed at once by the brute-force pass (16 MB in float32)
 
 
-def _float_threshold(threshold: float, dtype: np.dtype) -> float:
+def _float_threshold(threshold: float, dtype: torch.dtype) -> float:
     """The value t' in ``dtype`` for which ``iou > t'`` equals ``double(iou) > threshold``."""
-    if dtype == np.float64:
+    if dtype == torch.float64:
         return threshold
     t = np.float32(threshold)
     if float(t) > threshold:  # rounded up: the last float32 below it gives the same test
@@ -90,6 +96,43 @@ def _overlapping_pairs(coords: np.ndarray, groups: np.ndarray | None, threshold:
     return np.concatenate(firsts), np.concatenate(seconds)
 
 
+def _overlapping_pairs_dense(coords: Tensor, groups: Tensor | None, threshold: float,
+                             entries: int = _DENSE_ENTRIES) -> tuple[Tensor, Tensor]:
+    """The pairs of ``_overlapping_pairs`` (same IoU operations, same threshold) from every
+    pair's IoU within each group, on the device of ``coords`` (n, 4); ``entries`` IoUs at a
+    time. Returns (E,) int64 ``first`` < ``second``."""
+    if groups is None:
+        return _dense_pairs(coords, threshold, entries)
+    firsts, seconds = [], []
+    for group in groups.unique().tolist():
+        members = torch.nonzero(groups == group).squeeze(1)  # ascending, so pairs stay ordered
+        first, second = _dense_pairs(coords[members], threshold, entries)
+        firsts.append(members[first])
+        seconds.append(members[second])
+    return torch.cat(firsts), torch.cat(seconds)
+
+
+def _dense_pairs(coords: Tensor, threshold: float, entries: int) -> tuple[Tensor, Tensor]:
+    """Pairs i < j of rows of ``coords`` (n, 4) with IoU > ``threshold``: a block of rows i
+    against the columns j > i at a time."""
+    x1, y1, x2, y2 = coords.unbind(1)
+    areas = (x2 - x1) * (y2 - y1)
+    n = coords.shape[0]
+    rows = max(entries // max(n, 1), 1)
+    firsts, seconds = [coords.new_empty(0, dtype=torch.int64)], [coords.new_empty(0, dtype=torch.int64)]
+    for r0 in range(0, n - 1, rows):
+        i = torch.arange(r0, min(r0 + rows, n - 1), device=coords.device)[:, None]
+        j = torch.arange(r0 + 1, n, device=coords.device)[None, :]
+        w = torch.minimum(x2[i], x2[j]) - torch.maximum(x1[i], x1[j])
+        h = torch.minimum(y2[i], y2[j]) - torch.maximum(y1[i], y1[j])
+        inter = w.clamp(min=0) * h.clamp(min=0)
+        hit = (inter / (areas[i] + areas[j] - inter) > threshold) & (j > i)  # 0 / 0 is no hit
+        first, second = hit.nonzero().unbind(1)
+        firsts.append(first + r0)
+        seconds.append(second + r0 + 1)
+    return torch.cat(firsts), torch.cat(seconds)
+
+
 def _greedy(n: int, first: np.ndarray, second: np.ndarray) -> np.ndarray:
     """Positions (K,) kept by the greedy pass over n boxes in score order, given the pairs
     ``first`` < ``second`` (E,) that overlap above the threshold."""
@@ -120,10 +163,12 @@ def _nms(boxes: Tensor, scores: Tensor, groups: Tensor | None, iou_threshold: fl
     order = scores.sort(stable=True, descending=True).indices
     ordered = boxes.detach()[order]
     ordered = ordered.to(compute_dtype(ordered.dtype))
-    # GPU boxes come over once (N x 4); the bookkeeping is numpy's, on the calling thread
-    coords = ordered.cpu().numpy()
-    g = None if groups is None else groups[order].cpu().numpy()
-    first, second = _overlapping_pairs(coords, g, _float_threshold(float(iou_threshold), coords.dtype))
+    g = None if groups is None else groups[order]
+    threshold = _float_threshold(float(iou_threshold), ordered.dtype)
+    if ordered.device.type == "cpu":
+        first, second = _overlapping_pairs(ordered.numpy(), None if g is None else g.numpy(), threshold)
+    else:  # the pairs above the threshold come over; the greedy pass is numpy's, on the host
+        first, second = (t.cpu().numpy() for t in _overlapping_pairs_dense(ordered, g, threshold))
     keep = _greedy(n, first, second)
     return order[torch.from_numpy(keep).to(boxes.device)]
 
