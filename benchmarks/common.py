@@ -6,6 +6,8 @@ import argparse
 import statistics
 import time
 
+import torch
+
 
 def parser(doc: str, repeats: int) -> argparse.ArgumentParser:
     """A command line with ``--threads`` (default 2, this machine's cores) and ``--repeats``."""
@@ -15,15 +17,23 @@ def parser(doc: str, repeats: int) -> argparse.ArgumentParser:
     return p
 
 
+def finish() -> None:
+    """Wait for the GPU's queued work, once a timed function has used CUDA."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def alternate(ours, theirs, repeats: int) -> tuple[float, float]:
     """Median seconds of ``ours()`` and ``theirs()`` after a warm-up of each, run in turn so
-    that both see the same machine state."""
+    that both see the same machine state. Each time includes the GPU work it queued."""
     ours(), theirs()
     a, b = [], []
     for _ in range(repeats):
         for fn, store in ((ours, a), (theirs, b)):
+            finish()
             t0 = time.perf_counter()
             fn()
+            finish()
             store.append(time.perf_counter() - t0)
     return statistics.median(a), statistics.median(b)
 
