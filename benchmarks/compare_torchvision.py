@@ -214,12 +214,12 @@ def train_step(repeats: int, name: str, bf16: bool = False, **changes) -> None:
         row("  both in bf16", a, b)
 
 
-def roi_align_rows(repeats: int) -> None:
+def roi_align_rows(repeats: int, device: torch.device = torch.device("cpu")) -> None:
     g = torch.Generator().manual_seed(0)
     for n, size in ((512, 7), (128, 14)):
-        feature = torch.randn(1, 256, 200, 272, generator=g, requires_grad=True)
-        rois = make_rois(n, (800, 1088), g)
-        grad = torch.randn(n, 256, size, size, generator=g)
+        feature = torch.randn(1, 256, 200, 272, generator=g).to(device).requires_grad_()
+        rois = make_rois(n, (800, 1088), g).to(device)
+        grad = torch.randn(n, 256, size, size, generator=g).to(device)
 
         def fb(op):
             def run():
@@ -231,12 +231,12 @@ def roi_align_rows(repeats: int) -> None:
         row(f"RoIAlign fwd+bwd, {n} RoIs x 256 ch, {size}x{size}", a, b, "ms")
 
 
-def paste_rows(repeats: int) -> None:
+def paste_rows(repeats: int, device: torch.device = torch.device("cpu")) -> None:
     g = torch.Generator().manual_seed(0)
-    masks = torch.rand(100, 28, 28, generator=g)
+    masks = torch.rand(100, 28, 28, generator=g).to(device)
     # the same boxes, inside even the smaller image, for both sizes
     xy = torch.rand(100, 2, generator=g) * torch.tensor([1200.0, 700.0])
-    boxes = torch.cat([xy, xy + 40 + torch.rand(100, 2, generator=g) * 250], 1)
+    boxes = torch.cat([xy, xy + 40 + torch.rand(100, 2, generator=g) * 250], 1).to(device)
     for hw in ((1000, 1500), (2000, 3000)):
         a, b = alternate(lambda: paste_masks(masks, boxes, hw, mode="torchvision"),
                          lambda: paste_masks_in_image(masks[:, None], boxes, hw) > 0.5, repeats)

@@ -23,17 +23,14 @@ from pathlib import Path
 import torch
 import torchvision
 from torchvision.models.detection import maskrcnn_resnet50_fpn
-from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_roi_align import make_rois  # noqa: E402
 from common import alternate, finish  # noqa: E402
-from compare_torchvision import detections_line, image_size, row, tv_r50  # noqa: E402
+from compare_torchvision import detections_line, image_size, paste_rows, roi_align_rows, row, tv_r50  # noqa: E402
 
 from maskrcnn.config import SolverConfig  # noqa: E402
 from maskrcnn.engine.optimizer import build_optimizer, dense_layout  # noqa: E402
 from maskrcnn.interop.torchvision import from_torchvision  # noqa: E402
-from maskrcnn.ops import paste_masks, roi_align  # noqa: E402
 
 
 def amp(fn, device: torch.device):
@@ -55,8 +52,6 @@ def no_tf32():
 
 def memory_row(name: str, ours, theirs, device: torch.device) -> None:
     """Peak bytes allocated during one call of each, above what was allocated before it."""
-    if device.type != "cuda":
-        return
     peaks = []
     for fn in (ours, theirs):
         finish()
@@ -66,39 +61,6 @@ def memory_row(name: str, ours, theirs, device: torch.device) -> None:
         finish()
         peaks.append((torch.cuda.max_memory_allocated(device) - before) / 2**20)
     row(name, *peaks, "MiB")
-
-
-def roi_align_rows(device: torch.device, repeats: int) -> None:
-    g = torch.Generator().manual_seed(0)
-    for n, size in ((512, 7), (128, 14)):
-        feature = torch.randn(1, 256, 200, 272, generator=g).to(device).requires_grad_()
-        rois = make_rois(n, (800, 1088), g).to(device)
-        grad = torch.randn(n, 256, size, size, generator=g).to(device)
-
-        def fb(op):
-            def run():
-                op(feature, rois, size, 0.25, 2, False).backward(grad)
-                feature.grad = None
-            return run
-
-        with torch.no_grad():
-            ours, tv = (op(feature, rois, size, 0.25, 2, False) for op in (roi_align, torchvision.ops.roi_align))
-        print(f"  largest difference from torchvision's output: {(ours - tv).abs().max().item():.2e}")
-        a, b = alternate(fb(roi_align), fb(torchvision.ops.roi_align), repeats)
-        row(f"RoIAlign fwd+bwd, {n} RoIs x 256 ch, {size}x{size}", a, b, "ms")
-
-
-def paste_rows(device: torch.device, repeats: int) -> None:
-    g = torch.Generator().manual_seed(0)
-    masks = torch.rand(100, 28, 28, generator=g).to(device)
-    xy = torch.rand(100, 2, generator=g) * torch.tensor([1200.0, 700.0])
-    boxes = torch.cat([xy, xy + 40 + torch.rand(100, 2, generator=g) * 250], 1).to(device)
-    for hw in ((1000, 1500), (2000, 3000)):
-        ours, tv = (lambda: paste_masks(masks, boxes, hw, mode="torchvision"),
-                    lambda: paste_masks_in_image(masks[:, None], boxes, hw)[:, 0] > 0.5)
-        print(f"  pasted masks equal to torchvision's: {torch.equal(ours(), tv())}")
-        a, b = alternate(ours, tv, repeats)
-        row(f"paste 100 masks into a {hw[1]}x{hw[0]} image", a, b, "ms")
 
 
 def inference(device: torch.device, repeats: int, sizes: list[tuple[int, int]]) -> None:
@@ -180,22 +142,20 @@ def main() -> None:
     cli = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_argument("--repeats", type=int, default=20)
     cli.add_argument("--sizes", nargs="+", type=image_size, default=[(800, 1333), (480, 640)], metavar="HxW")
-    cli.add_argument("--device", default="cuda", help="cuda (default); cpu only checks that the script runs")
     args = cli.parse_args()
-    device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"{name}; torch {torch.__version__}, torchvision {torchvision.__version__}, "
-          f"median of {args.repeats} alternating runs")
+    if not torch.cuda.is_available():
+        sys.exit("no CUDA GPU here; benchmarks/compare_torchvision.py compares on the CPU")
+    device = torch.device("cuda")
+    print(f"{torch.cuda.get_device_name(device)}; torch {torch.__version__}, torchvision "
+          f"{torchvision.__version__}, median of {args.repeats} alternating runs")
     print(f"{'measurement':58s} {'ours':>10s} {'torchvision':>10s} {'ratio':>8s}")
-    for section in (roi_align_rows, paste_rows, train_steps):
+    sections = [lambda: roi_align_rows(args.repeats, device), lambda: paste_rows(args.repeats, device),
+                lambda: train_steps(device, args.repeats), lambda: inference(device, args.repeats, args.sizes)]
+    for section in sections:
         try:
-            section(device, args.repeats)
+            section()
         except Exception:  # one failing group of rows still leaves the others' figures
             traceback.print_exc()
-    try:
-        inference(device, args.repeats, args.sizes)
-    except Exception:
-        traceback.print_exc()
 
 
 if __name__ == "__main__":

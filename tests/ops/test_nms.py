@@ -20,6 +20,35 @@ def random_set(n, seed, dtype=torch.float32, integer=True):
     return torch.cat([xy, xy + wh], 1), scores, torch.randint(0, 5, (n,), generator=g)
 
 
+def edge_set(threshold):
+    """Box j inside box i and ending where i ends has IoU = (x overlap) / (width of i), the
+    bound that decides which pairs are examined: starts a few float32 steps either side of
+    ``x1_i + (1 - t) w_i``, at several coordinate magnitudes and widths. Boxes and scores."""
+    rows, scores = [], []
+    for k, (base, width) in enumerate([(0.0, 10.0), (1000.0, 0.37), (12345.678, 1000.0), (3.0, 1e-3)]):
+        edge = np.float32(base + (1 - threshold) * width)
+        for step in range(-3, 4):
+            start = edge
+            for _ in range(abs(step)):
+                start = np.nextafter(start, np.float32(np.inf if step > 0 else -np.inf))
+            y = 100.0 * (7 * k + step + 3)  # each pair on its own rows: pairs do not interact
+            rows += [[base, y, base + width, y + 5], [float(start), y, base + width, y + 5]]
+            scores += [0.9, 0.8] if step % 2 else [0.8, 0.9]
+    return torch.tensor(rows), torch.tensor(scores)
+
+
+def crowd_set(n, seed):
+    """n boxes within a few pixels of one another: every pair overlaps."""
+    g = torch.Generator().manual_seed(seed)
+    corner = torch.rand(n, 2, generator=g) * 6
+    boxes = torch.cat([corner, corner + 100 + torch.rand(n, 2, generator=g) * 6], 1)
+    return boxes, torch.rand(n, generator=g), torch.randint(0, 2, (n,), generator=g)
+
+
+def pair_codes(first, second, n):
+    return np.sort(np.asarray(first, dtype=np.int64) * n + np.asarray(second, dtype=np.int64))
+
+
 @pytest.mark.parametrize("n,seed", [(1, 0), (2, 1), (7, 2), (60, 3), (400, 4), (999, 5), (1001, 6),
                                     (1600, 7), (5000, 8)])
 @pytest.mark.parametrize("threshold", [0.3, 0.5, 0.7, 1 / 3])
@@ -74,10 +103,6 @@ def test_empty_input():
     assert empty.dtype == torch.int64 and empty.numel() == 0
 
 
-def pair_codes(first, second, n):
-    return np.sort(np.asarray(first, dtype=np.int64) * n + np.asarray(second, dtype=np.int64))
-
-
 @pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("threshold", [0.0, 0.3, 1 / 3, 0.5, 0.7, 0.95])
 def test_the_gpu_paths_brute_force_pairs_are_the_sweeps(threshold, grouped):
@@ -110,31 +135,6 @@ def test_cuda_tensors_give_the_cpu_result_on_the_device():
         if n != 1500:
             assert torch.equal(batched_nms(boxes.cuda(), scores.cuda(), idxs.cuda(), 0.5).cpu(),
                                batched_nms(boxes, scores, idxs, 0.5))
-
-
-def edge_set(threshold):
-    """Box j inside box i and ending where i ends has IoU = (x overlap) / (width of i), the
-    bound that decides which pairs are examined: starts a few float32 steps either side of
-    ``x1_i + (1 - t) w_i``, at several coordinate magnitudes and widths. Boxes and scores."""
-    rows, scores = [], []
-    for k, (base, width) in enumerate([(0.0, 10.0), (1000.0, 0.37), (12345.678, 1000.0), (3.0, 1e-3)]):
-        edge = np.float32(base + (1 - threshold) * width)
-        for step in range(-3, 4):
-            start = edge
-            for _ in range(abs(step)):
-                start = np.nextafter(start, np.float32(np.inf if step > 0 else -np.inf))
-            y = 100.0 * (7 * k + step + 3)  # each pair on its own rows: pairs do not interact
-            rows += [[base, y, base + width, y + 5], [float(start), y, base + width, y + 5]]
-            scores += [0.9, 0.8] if step % 2 else [0.8, 0.9]
-    return torch.tensor(rows), torch.tensor(scores)
-
-
-def crowd_set(n, seed):
-    """n boxes within a few pixels of one another: every pair overlaps."""
-    g = torch.Generator().manual_seed(seed)
-    corner = torch.rand(n, 2, generator=g) * 6
-    boxes = torch.cat([corner, corner + 100 + torch.rand(n, 2, generator=g) * 6], 1)
-    return boxes, torch.rand(n, generator=g), torch.randint(0, 2, (n,), generator=g)
 
 
 @pytest.mark.parametrize("threshold", [0.0, 0.3, 0.5, 0.7, 0.95])
