@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maskrcnn.ops.conv_swap import SwappedConv2d, is_3x3_same, swap_convs
-from maskrcnn.ops.small_map_conv import SmallMapConv2d
+from maskrcnn.ops.conv_weight_grad import ProductGradConv2d
 from maskrcnn.ops.weight_cache import WeightCache
 
 _BT = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
@@ -147,7 +147,7 @@ class WinogradConv2d(SwappedConv2d):
 
     @classmethod
     def eligible(cls, conv: nn.Module) -> bool:
-        return type(conv) in (nn.Conv2d, SmallMapConv2d) and is_3x3_same(conv)
+        return type(conv) in (nn.Conv2d, ProductGradConv2d) and is_3x3_same(conv)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
