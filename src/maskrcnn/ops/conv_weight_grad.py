@@ -64,16 +64,15 @@ def _by_patches(grad_out: Tensor, x: Tensor) -> Tensor:
 def _by_shifts(grad_out: Tensor, x: Tensor) -> Tensor:
     n, c_in, h, w = x.shape
     c_out = grad_out.shape[1]
-    rows, reach = n * (h + 2) * (w + 2), 2 * (w + 2) + 2  # padded pixels; the largest shift
-    # x padded by a pixel all round, one row per padded pixel, and zero rows after it so that
-    # every shifted window of ``rows`` rows exists
-    xs = x.new_zeros(rows + reach, c_in)
-    xs[:rows].view(n, h + 2, w + 2, c_in)[:, 1:-1, 1:-1] = x.permute(0, 2, 3, 1)
-    # the gradient on the same grid, at the top left (pixel (y, x) faces x's (y + ky, x + kx));
-    # its zero rows and columns make the windows' extra rows count for nothing
-    dy = grad_out.new_zeros(n, h + 2, w + 2, c_out)
-    dy[:, :h, :w] = grad_out.permute(0, 2, 3, 1)
-    dy = dy.view(rows, c_out).t()  # (C_out, rows)
+    # x padded by a pixel all round and the gradient by two rows and columns at the bottom
+    # right, on the same (H + 2, W + 2) grids, one row per grid pixel: the gradient's pixel
+    # (y, x) faces x's (y + ky, x + kx), ky (W + 2) + kx rows further on. The gradient's last
+    # 2 (W + 2) + 2 rows (two columns and two rows of padding) are zeros, so its windows end
+    # there and the shifted windows of x stay inside it.
+    xs = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1)).view(-1, c_in)
+    dy = F.pad(grad_out.permute(0, 2, 3, 1), (0, 0, 0, 2, 0, 2)).view(-1, c_out)
+    rows = len(dy) - (2 * (w + 2) + 2)
+    dy = dy[:rows].t()  # (C_out, rows)
     out = x.new_empty(c_out, 3, 3, c_in)
     for ky in range(3):
         for kx in range(3):
