@@ -198,6 +198,59 @@ def test_large_adaptive_grids_as_for_mask_targets():
     assert max_error(roi_align(masks, rois, 28, 1.0, -1, False), expected) < 1e-10
 
 
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("ratio", [-1, 2])
+@pytest.mark.parametrize("scale,size", [(1.0, (1, 1)), (0.25, (3, 5)), (1 / 16, (7, 7))])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_gpu_form_equals_torchvision_forward_and_gradient(aligned, ratio, scale, size, channels_last):
+    """The fixed-size bags that CUDA tensors take, run here on the CPU: every edge case of
+    CELL_BOXES, both images, in the input's memory format."""
+    x = feature(4)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    rois = rois_for(aligned, scale)
+    ours = roi_align_module._roi_align_bags(x, rois, size, scale, ratio, aligned)
+    theirs = tv_ops.roi_align(x, rois, size, scale, ratio, aligned)
+    assert max_error(ours, theirs) < 1e-10
+    assert ours.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    grad_out = torch.randn(theirs.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    (g1,) = torch.autograd.grad(ours, x, grad_out)
+    (g2,) = torch.autograd.grad(theirs, x, grad_out)
+    assert max_error(g1, g2) < 1e-10
+
+
+def test_the_gpu_form_in_chunks_and_on_large_adaptive_grids(monkeypatch):
+    bags = roi_align_module._roi_align_bags
+    g = torch.Generator().manual_seed(3)
+    masks = (torch.rand(3, 1, 200, 240, generator=g) > 0.5).double()
+    xy = torch.rand(12, 2, generator=g, dtype=torch.float64) * 100
+    wh = 20 + torch.rand(12, 2, generator=g, dtype=torch.float64) * 180
+    rois = torch.cat([torch.randint(0, 3, (12, 1), generator=g).double(), xy, xy + wh], 1)
+    expected = tv_ops.roi_align(masks, rois, 28, 1.0, -1, False)
+    assert max_error(bags(masks, rois, (28, 28), 1.0, -1, False), expected) < 1e-10
+    monkeypatch.setattr(roi_align_module, "_CHUNK_ENTRIES", 50)  # one RoI at a time
+    x = feature(5).requires_grad_(True)
+    rois = rois_for(False, 0.25)
+    ours, theirs = bags(x, rois, (3, 3), 0.25, 2, False), tv_ops.roi_align(x, rois, 3, 0.25, 2, False)
+    assert max_error(ours, theirs) < 1e-10
+    grad_out = torch.randn(theirs.shape, dtype=torch.float64)
+    (g1,) = torch.autograd.grad(ours, x, grad_out)
+    (g2,) = torch.autograd.grad(theirs, x, grad_out)
+    assert max_error(g1, g2) < 1e-10
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_gpu_form_sums_half_precision_inputs_in_float32(dtype):
+    x = feature(6, dtype=torch.float32).to(dtype).requires_grad_(True)
+    rois = rois_for(True, 0.5).float()
+    ours = roi_align_module._roi_align_bags(x, rois, (2, 3), 0.5, 0, True)
+    exact = roi_align(x.detach().float(), rois, (2, 3), 0.5, 0, True)
+    assert ours.dtype == dtype and torch.equal(ours, exact.to(dtype))
+    ours.float().sum().backward()
+    assert x.grad.dtype == dtype and x.grad.abs().sum() > 0
+
+
 def test_hand_computed_bilinear_value():
     x = torch.arange(16.0, dtype=torch.float64).view(1, 1, 4, 4)  # value = 4 * y + x
     # aligned, one sample at the centre of box (0, 0)-(2, 2): feature point (0.5, 0.5)

@@ -16,6 +16,11 @@ with one row per output cell (K*PH*PW). Interpolation and the validity test both
 into a y part and an x part, so the taps are worked out per axis (a few cells per bin) and a
 row of ``S`` is the outer product of its bin's y taps and x taps. The backward pass is
 ``S^T @ grad``: no scattered atomic adds, and no gradient for the boxes.
+
+On a GPU, building ``S`` row by row (dropping its zeros, counting each row's entries) would wait
+on the device several times per call, and the time would go to the host. There each output cell
+instead takes its bin's full outer product, zeros included: bags of one fixed size, summed by
+``embedding_bag``, whose own backward is the product by ``S^T``.
 """
 
 from __future__ import annotations
@@ -48,7 +53,8 @@ def _axis_taps(start: Tensor, length: Tensor, pooled: int, size: int, ratio: int
         grid = torch.ceil(bin_size).long()
     dtype, device = start.dtype, start.device
     p = torch.arange(pooled, device=device, dtype=dtype)[None, :, None]
-    i = torch.arange(max(int(grid.max()), 1), device=device)[None, None, :]
+    samples = ratio if ratio > 0 else max(int(grid.max()), 1)  # no wait on the device when fixed
+    i = torch.arange(samples, device=device)[None, None, :]
     b, g = bin_size[:, None, None], grid[:, None, None]
     # operation order of the reference kernel: start + p * bin + (i + .5) * bin / grid
     pos = start[:, None, None] + p * b + (i.to(dtype) + 0.5) * b / g.clamp(min=1).to(dtype)  # (K, P, G)
@@ -74,6 +80,16 @@ def _axis_taps(start: Tensor, length: Tensor, pooled: int, size: int, ratio: int
     merged_weights = torch.zeros_like(weights).scatter_add_(-1, slot, weights)
     d = max(int((merged_cells < size).sum(-1).max()), 1)
     return merged_cells[..., :d], merged_weights[..., :d], grid
+
+
+def _taps(rois: Tensor, output_size: tuple[int, int], size: tuple[int, int], spatial_scale: float,
+          sampling_ratio: int, aligned: bool, dtype: torch.dtype):
+    """The y and x taps (``_axis_taps``) of every RoI of ``rois`` (K, 5) on a map of ``size``."""
+    offset = 0.5 if aligned else 0.0
+    # scaled in double and rounded once, as the reference kernel does
+    x1, y1, x2, y2 = (rois[:, 1:].double() * spatial_scale - offset).to(dtype).unbind(1)
+    return (_axis_taps(y1, y2 - y1, output_size[0], size[0], sampling_ratio, aligned),
+            _axis_taps(x1, x2 - x1, output_size[1], size[1], sampling_ratio, aligned))
 
 
 def _chunks(y_cells: Tensor, x_cells: Tensor, size_y: int, size_x: int) -> list[tuple[int, int]]:
@@ -108,6 +124,20 @@ def _by_rows(rows: Tensor, cols: Tensor, values: Tensor, n_rows: int) -> _Sparse
     return _Sparse(counts.cumsum(0) - counts, cols, values)
 
 
+def _entries(batch: Tensor, y, x, shape) -> tuple[Tensor, Tensor]:
+    """The entries of S for RoIs in images ``batch`` (k,) whose taps are ``y`` and ``x``: each
+    output cell's values and columns (k, PH, PW, Dy, Dx), the outer product of its bin's y taps
+    and x taps divided by the bin's number of samples. Padded taps have value 0."""
+    n, h, w = shape
+    y_cells, y_weights, y_grid = y
+    x_cells, x_weights, x_grid = x
+    count = (y_grid * x_grid).clamp(min=1).to(y_weights.dtype)  # samples per bin
+    values = (y_weights / count[:, None, None])[:, :, None, :, None] * x_weights[:, None, :, None, :]
+    y_offset = batch.long()[:, None, None] * (h * w) + y_cells * w  # (k, PH, Dy)
+    cols = y_offset[:, :, None, :, None] + x_cells[:, None, :, None, :]
+    return values, cols
+
+
 def _operator(rois: Tensor, k0: int, k1: int, y, x, shape, transpose: bool):
     """The rows of S for RoIs [k0, k1), (rows, N*H*W), and S^T if ``transpose``."""
     n, h, w = shape
@@ -116,13 +146,8 @@ def _operator(rois: Tensor, k0: int, k1: int, y, x, shape, transpose: bool):
     # trim the padding to this chunk's widest tap lists
     dy = max(int((y_weights != 0).sum(-1).max()), 1)
     dx = max(int((x_weights != 0).sum(-1).max()), 1)
-    y_cells, y_weights = y_cells[..., :dy], y_weights[..., :dy]
-    x_cells, x_weights = x_cells[..., :dx], x_weights[..., :dx]
-    count = (y_grid * x_grid).clamp(min=1).to(y_weights.dtype)  # samples per bin
-    # (k, ph, pw, iy, ix): the outer product of a bin's y taps and x taps
-    values = (y_weights / count[:, None, None])[:, :, None, :, None] * x_weights[:, None, :, None, :]
-    y_offset = rois[k0:k1, 0].long()[:, None, None] * (h * w) + y_cells * w  # (k, PH, dy)
-    cols = y_offset[:, :, None, :, None] + x_cells[:, None, :, None, :]
+    values, cols = _entries(rois[k0:k1, 0], (y_cells[..., :dy], y_weights[..., :dy], y_grid),
+                            (x_cells[..., :dx], x_weights[..., :dx], x_grid), shape)
     entries = values.flatten().nonzero().squeeze(1)
     rows = entries.div(dy * dx, rounding_mode="floor")
     cols, values = cols.flatten()[entries], values.flatten()[entries]
@@ -133,6 +158,32 @@ def _operator(rois: Tensor, k0: int, k1: int, y, x, shape, transpose: bool):
     key = cols.int() if n * h * w < 2**31 else cols  # int32 keys sort twice as fast
     order = key.argsort(stable=True)  # rows stay ascending within each column
     return s, _by_rows(cols[order], rows[order], values[order], n * h * w)
+
+
+def _roi_align_bags(input: Tensor, rois: Tensor, output_size: tuple[int, int],
+                    spatial_scale: float, sampling_ratio: int, aligned: bool) -> Tensor:
+    """RoIAlign as fixed-size bags, the form for GPUs (module docstring); autograd's backward.
+    The same arguments and result as :func:`roi_align` with ``rois`` (K, 5), K > 0."""
+    n, c, h, w = input.shape
+    (ph, pw), dtype = output_size, compute_dtype(input.dtype)
+    y, x = _taps(rois, output_size, (h, w), spatial_scale, sampling_ratio, aligned, dtype)
+    # padded taps (cell == size, value 0) read cell 0, so that every column exists
+    y = (y[0].clamp(max=h - 1), *y[1:])
+    x = (x[0].clamp(max=w - 1), *x[1:])
+    rows = input.permute(0, 2, 3, 1).reshape(n * h * w, c).to(dtype)  # (N*H*W, C)
+    k, bag = rois.shape[0], ph * pw * y[0].shape[-1] * x[0].shape[-1]
+    step = max(_CHUNK_ENTRIES // bag, 1)  # RoIs whose bags are built at once
+    pieces = []
+    for k0 in range(0, k, step):
+        part = slice(k0, min(k0 + step, k))
+        values, cols = _entries(rois[part, 0], [t[part] for t in y], [t[part] for t in x], (n, h, w))
+        bags = len(values) * ph * pw
+        pooled = F.embedding_bag(cols.reshape(bags, -1), rows, mode="sum",
+                                 per_sample_weights=values.reshape(bags, -1))
+        pieces.append(pooled.view(-1, ph, pw, c))
+    out = torch.cat(pieces).permute(0, 3, 1, 2)  # channels-last memory
+    fmt = torch.channels_last if _channels_last(input) else torch.contiguous_format
+    return out.to(input.dtype, memory_format=fmt)
 
 
 def _channel_blocks(input: Tensor) -> list[tuple[int, int]]:
@@ -159,11 +210,7 @@ class _RoIAlign(torch.autograd.Function):
         n, c, h, w = input.shape
         ph, pw = output_size
         dtype = compute_dtype(input.dtype)
-        offset = 0.5 if aligned else 0.0
-        # scaled in double and rounded once, as the reference kernel does
-        x1, y1, x2, y2 = (rois[:, 1:].double() * spatial_scale - offset).to(dtype).unbind(1)
-        y = _axis_taps(y1, y2 - y1, ph, h, sampling_ratio, aligned)
-        x = _axis_taps(x1, x2 - x1, pw, w, sampling_ratio, aligned)
+        y, x = _taps(rois, output_size, (h, w), spatial_scale, sampling_ratio, aligned, dtype)
         k = rois.shape[0]
         fmt = torch.channels_last if _channels_last(input) else torch.contiguous_format
         blocks, chunks, pieces = _channel_blocks(input), _chunks(y[0], x[0], h, w), []
@@ -245,6 +292,9 @@ def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0,
     needs_grad = torch.is_grad_enabled() and input.requires_grad
     # autocast must not lower the sums' precision; the output keeps the input's dtype
     with torch.autocast(input.device.type, enabled=False):
+        if input.device.type != "cpu":
+            return _roi_align_bags(input, rois, tuple(output_size), float(spatial_scale),
+                                   int(sampling_ratio), bool(aligned))
         return _RoIAlign.apply(input, rois, tuple(output_size), float(spatial_scale),
                                int(sampling_ratio), bool(aligned), needs_grad)
 
