@@ -12,11 +12,11 @@ trainer computes it with ``torch.mm`` instead:
   neighbourhoods laid out as rows (im2col: P rows of 9 C_in values) the gradient is one product,
   dY^T (C_out, P) @ patches (P, 9 C_in), whose patches are at most the weights' size while the
   batch has no more output pixels than input channels;
-- every map on CPUs whose widest vectors are AVX2 (no AVX-512), where the kernel took 1.4-1.6x
-  the time of nine products on 2 Zen 3 cores, 64 to 256 channels. With x zero-padded and both
-  maps flattened over the padded (H + 2, W + 2) grid, shifting a pixel by (ky - 1, kx - 1) is
-  shifting its row by a constant, so each (ky, kx) is one product of dY^T by a window of X's
-  rows: no copies of the input, nine per pixel.
+- every map on CPUs whose widest vectors are AVX2 (no AVX-512), where nine products took
+  0.63x-0.94x of the kernel's time on 2 Zen 3 cores (64 to 256 channels). With x zero-padded
+  and both maps flattened over the padded (H + 2, W + 2) grid, shifting a pixel by
+  (ky - 1, kx - 1) is shifting its row by a constant, so each (ky, kx) is one product of dY^T by
+  a window of X's rows, with no im2col copy holding each input pixel nine times.
 
 On AVX-512 CPUs oneDNN was as fast or faster on larger maps (a 256-channel conv on 4 maps of
 16x22: 11.8 ms against 15.0 ms for the patches' product), so they keep its kernel.
@@ -34,11 +34,11 @@ AVX2_ONLY = torch.backends.cpu.get_cpu_capability() == "AVX2"
 """Whether this CPU's widest vectors are AVX2's, where every 3x3 weight gradient is products."""
 
 
-def takes_products(x_shape: torch.Size, in_channels: int) -> bool:
-    """Whether a training conv on an input of ``x_shape`` (N, C, H, W) computes its weight
-    gradient with :func:`weight_grad_3x3` rather than oneDNN's kernel."""
-    n, _, h, w = x_shape
-    return AVX2_ONLY or n * h * w <= in_channels
+def _few_pixels(x_shape: torch.Size) -> bool:
+    """Whether a batch (N, C, H, W) has no more pixels than channels: its patches' matrix is
+    then at most the weights' size."""
+    n, c, h, w = x_shape
+    return n * h * w <= c
 
 
 def weight_grad_3x3(grad_out: Tensor, x: Tensor) -> Tensor:
@@ -46,10 +46,7 @@ def weight_grad_3x3(grad_out: Tensor, x: Tensor) -> Tensor:
     of ``x`` (N, C_in, H, W) whose output's gradient is ``grad_out`` (N, C_out, H, W); in
     channels-last memory, in the inputs' dtype. Batches with no more pixels than input channels
     take the patches' product, the others the nine shifted products."""
-    n, c_in, h, w = x.shape
-    if n * h * w <= c_in:
-        return _by_patches(grad_out, x)
-    return _by_shifts(grad_out, x)
+    return (_by_patches if _few_pixels(x.shape) else _by_shifts)(grad_out, x)
 
 
 def _by_patches(grad_out: Tensor, x: Tensor) -> Tensor:
@@ -110,14 +107,15 @@ class _Conv3x3(torch.autograd.Function):
 
 
 class ProductGradConv2d(SwappedConv2d):
-    """A 3x3, stride-1, padding-1 ``nn.Conv2d`` whose weight gradient, when training on the CPU
-    on an input for which :func:`takes_products` holds, is ``weight_grad_3x3``; otherwise (and
-    when predicting) the plain conv. Same parameters and state dict as the conv it replaces; the
-    same outputs, and gradients that differ only by the order of the sums."""
+    """A 3x3, stride-1, padding-1 ``nn.Conv2d`` whose weight gradient, when training on an
+    AVX2-only CPU or on a batch with no more pixels than input channels, is ``weight_grad_3x3``;
+    otherwise (and when predicting, and on GPUs) the plain conv. Same parameters and state dict
+    as the conv it replaces; the same outputs, and gradients that differ only by the order of
+    the sums."""
 
     def forward(self, x: Tensor) -> Tensor:
         if (x.device.type == "cpu" and torch.is_grad_enabled() and self.weight.requires_grad
-                and takes_products(x.shape, self.in_channels)):
+                and (AVX2_ONLY or _few_pixels(x.shape))):
             return _Conv3x3.apply(x, self.weight, self.bias)
         return super().forward(x)
 
