@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from maskrcnn.ops import conv_weight_grad
-from maskrcnn.ops.conv_weight_grad import ProductGradConv2d, use_product_grad_conv, weight_grad_3x3
+from maskrcnn.ops.conv_weight_grad import ProductGradConv2d, use_product_grad_conv
 from maskrcnn.ops.winograd import WinogradConv2d, use_winograd
 
 
