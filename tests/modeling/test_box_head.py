@@ -35,3 +35,30 @@ def test_the_permuted_weights_follow_changed_weights():
         head(x)
         head.fc6.weight.mul_(-2)  # an in-place change, as loading a state dict makes
         torch.testing.assert_close(head(x).double(), _reference(head, x), rtol=1e-5, atol=1e-5)
+
+
+def test_training_on_more_channels_last_rois_than_outputs_permutes_the_weights(monkeypatch):
+    """With more RoIs than fc6 has outputs, training multiplies the channels-last rows by the
+    weights permuted under autograd (the smaller copy to make): the same values and gradients
+    as the product on the flattened features, which fewer RoIs keep."""
+    from maskrcnn.modeling import box_head
+
+    calls = []
+    real = box_head._channels_last_columns
+    monkeypatch.setattr(box_head, "_channels_last_columns", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    head = BoxHead(8 * 3 * 3, 16)
+    torch.nn.init.normal_(head.fc6.bias)
+    for rois, permuted in ((40, True), (10, False)):
+        x = torch.randn(rois, 8, 3, 3)
+        results = []
+        for layout in (torch.contiguous_format, torch.channels_last):
+            head.zero_grad()
+            xi = x.contiguous(memory_format=layout).detach().requires_grad_()
+            y = head(xi)
+            y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
+            results.append((y, xi.grad, head.fc6.weight.grad.clone(), head.fc6.bias.grad.clone()))
+        assert bool(calls) == permuted
+        calls.clear()
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
