@@ -219,14 +219,14 @@ def test_cpu_training_is_channels_last_and_saves_ordinary_weights(shapes, tmp_pa
     """On the CPU the model trains in oneDNN's channels-last layout, its 3x3 convs taking the
     matrix-product weight gradient; the saved weights are the same values, under the usual names."""
     from maskrcnn.modeling.mask_rcnn import build_model
-    from maskrcnn.ops.conv_weight_grad import ProductGradConv2d
+    from maskrcnn.ops.training_conv import TrainingConv2d
 
     result = train(tiny_config(shapes, tmp_path / "run", val=False, max_iter=1), progress=False)
     model = result["model"]
     weight = model.backbone.body.layer1[0].conv1.weight
     assert model.channels_last and not weight.is_contiguous()
     assert weight.is_contiguous(memory_format=torch.channels_last)
-    assert isinstance(model.backbone.body.layer4[1].conv2, ProductGradConv2d)
+    assert isinstance(model.backbone.body.layer4[1].conv2, TrainingConv2d)
     saved = load_file(tmp_path / "run" / "model_final.safetensors")
     assert torch.equal(saved["backbone.body.layer1.0.conv1.weight"], weight.detach())
     assert saved.keys() == build_model(result["model"].config).state_dict().keys()

@@ -34,7 +34,7 @@ from maskrcnn.engine import distributed as dist
 from maskrcnn.engine.checkpoint import last_checkpoint, load_checkpoint, read_checkpoint_info, save_checkpoint
 from maskrcnn.engine.optimizer import build_optimizer, dense_layout, param_groups
 from maskrcnn.engine.schedule import lr_at
-from maskrcnn.ops.conv_weight_grad import use_product_grad_conv
+from maskrcnn.ops.training_conv import use_training_convs
 
 if TYPE_CHECKING:
     from maskrcnn.modeling.mask_rcnn import MaskRCNN
@@ -151,10 +151,10 @@ def seed_everything(*keys: int) -> None:
 
 def cpu_training_kernels(model: MaskRCNN) -> MaskRCNN:
     """What the trainer does to a model it trains on the CPU: channels-last weights and
-    activations (oneDNN's layout: no reorders around each conv) and ``ProductGradConv2d``'s weight
-    gradients (where oneDNN's are slow: res5 on small images, every 3x3 conv on AVX2-only
-    CPUs). The same sums, in another order."""
-    use_product_grad_conv(model)
+    activations (oneDNN's layout: no reorders around each conv) and ``TrainingConv2d``'s 3x3
+    convolutions (Winograd on large maps with many channels, weight gradients as matrix
+    products where oneDNN's are slow). The same sums, rounded as Winograd's or in another order."""
+    use_training_convs(model)
     return model.use_channels_last()
 
 

@@ -1,5 +1,5 @@
 """3x3, stride-1 convolutions swapped for subclasses that compute them another way on the CPU
-(``ops.winograd`` when predicting, ``ops.conv_weight_grad`` when training), sharing the plain
+(``ops.winograd`` when predicting, ``ops.training_conv`` when training), sharing the plain
 conv's parameters, so the state dict does not change."""
 
 from __future__ import annotations

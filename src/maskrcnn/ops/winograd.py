@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maskrcnn.ops.conv_swap import SwappedConv2d, is_3x3_same, swap_convs
-from maskrcnn.ops.conv_weight_grad import ProductGradConv2d
 from maskrcnn.ops.weight_cache import WeightCache
 
 _BT = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
@@ -80,7 +79,8 @@ def conv3x3(x: Tensor, u: Tensor, bias: Tensor | None = None, relu: bool = False
     co = u.shape[2]
     th, tw = -(-h // 4), -(-w // 4)  # tiles down and across; the last ones may overhang
     nhwc = x.permute(0, 2, 3, 1)
-    out = x.new_empty((n, h, w, co))
+    result = torch.empty((n, co, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    out = result.permute(0, 2, 3, 1)  # (N, H, W, C_out), its memory
 
     # A chunk is `rows` tile rows of `imgs` images; its input band, zero-padded, lives in `band`.
     rows = max(1, min(th, _TILES_PER_CHUNK // tw))
@@ -113,7 +113,7 @@ def conv3x3(x: Tensor, u: Tensor, bias: Tensor | None = None, relu: bool = False
                 mk[_ONES_COLUMN].add_(bias)
             yk = torch.bmm(ka[:k], mk.transpose(0, 1), out=y[:k])  # (k, 16, C_out)
             _put(out[i0:i1, 4 * r0:min(h, 4 * r1)], yk.view(ni, nr, tw, 4, 4, co), relu)
-    return out.permute(0, 3, 1, 2)
+    return result
 
 
 def _put(dest: Tensor, blocks: Tensor, relu: bool) -> None:
@@ -147,7 +147,8 @@ class WinogradConv2d(SwappedConv2d):
 
     @classmethod
     def eligible(cls, conv: nn.Module) -> bool:
-        return type(conv) in (nn.Conv2d, ProductGradConv2d) and is_3x3_same(conv)
+        # plain convs and those that train another way (``ops.training_conv``)
+        return isinstance(conv, nn.Conv2d) and not isinstance(conv, cls) and is_3x3_same(conv)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

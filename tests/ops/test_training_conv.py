@@ -1,13 +1,14 @@
-"""The weight gradient as matrix products: the same gradients as autograd's convolution, by
-either way of computing it, taken on maps with few pixels (and on every map where AVX2 is the
-widest), the same forward, and a conv that still becomes Winograd's to predict."""
+"""The training convs: the same values and gradients as autograd's convolution, by Winograd on
+large maps with many channels, with the weight gradient by either way of the products (taken
+on maps with few pixels, and on every map where AVX2 is the widest), and a conv that still
+becomes Winograd's to predict."""
 
 import pytest
 import torch
 from torch import nn
 
-from maskrcnn.ops import conv_weight_grad
-from maskrcnn.ops.conv_weight_grad import ProductGradConv2d, use_product_grad_conv
+from maskrcnn.ops import training_conv
+from maskrcnn.ops.training_conv import TrainingConv2d, use_training_convs
 from maskrcnn.ops.winograd import WinogradConv2d, use_winograd
 
 
@@ -26,15 +27,15 @@ def test_weight_grad_3x3_is_the_convolutions_weight_gradient(shape, channels_las
         x, conv = x.to(memory_format=torch.channels_last), conv.to(memory_format=torch.channels_last)
     grad_out = torch.randn(n, 6, h, w, dtype=torch.float64)
     expected, = torch.autograd.grad(conv(x), conv.weight, grad_out)
-    got = getattr(conv_weight_grad, way)(grad_out, x)
+    got = getattr(training_conv, way)(grad_out, x)
     assert got.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
 def counting(monkeypatch):
     calls = []
-    real = conv_weight_grad.weight_grad_3x3
-    monkeypatch.setattr(conv_weight_grad, "weight_grad_3x3", lambda *a: calls.append(1) or real(*a))
+    real = training_conv.weight_grad_3x3
+    monkeypatch.setattr(training_conv, "weight_grad_3x3", lambda *a: calls.append(1) or real(*a))
     return calls
 
 
@@ -50,10 +51,10 @@ def grads(conv, x):
 def test_training_takes_the_products_with_the_same_outputs_and_gradients(monkeypatch, avx2_only, size, used):
     """64 input channels: 2 maps of 4x5 (40 pixels) take the products, 2 of 8x9 only on a CPU
     whose widest vectors are AVX2's."""
-    monkeypatch.setattr(conv_weight_grad, "AVX2_ONLY", avx2_only)
+    monkeypatch.setattr(training_conv, "AVX2_ONLY", avx2_only)
     torch.manual_seed(0)
     plain = nn.Conv2d(64, 32, 3, padding=1).to(memory_format=torch.channels_last)
-    fast = ProductGradConv2d.from_conv(nn.Conv2d(64, 32, 3, padding=1))
+    fast = TrainingConv2d.from_conv(nn.Conv2d(64, 32, 3, padding=1))
     fast.load_state_dict(plain.state_dict())
     x = torch.randn(2, 64, *size).to(memory_format=torch.channels_last)
     calls = counting(monkeypatch)
@@ -68,7 +69,7 @@ def test_training_takes_the_products_with_the_same_outputs_and_gradients(monkeyp
 def test_under_bf16_autocast_it_computes_as_autocast_does(monkeypatch):
     torch.manual_seed(0)
     plain = nn.Conv2d(64, 32, 3, padding=1).to(memory_format=torch.channels_last)
-    fast = ProductGradConv2d.from_conv(nn.Conv2d(64, 32, 3, padding=1))
+    fast = TrainingConv2d.from_conv(nn.Conv2d(64, 32, 3, padding=1))
     fast.load_state_dict(plain.state_dict())
     x = torch.randn(2, 64, 4, 5).to(memory_format=torch.channels_last)
     calls = counting(monkeypatch)
@@ -82,7 +83,7 @@ def test_under_bf16_autocast_it_computes_as_autocast_does(monkeypatch):
 
 
 def test_predicting_and_frozen_weights_take_the_plain_conv(monkeypatch):
-    conv = ProductGradConv2d.from_conv(nn.Conv2d(64, 8, 3, padding=1))
+    conv = TrainingConv2d.from_conv(nn.Conv2d(64, 8, 3, padding=1))
     x = torch.randn(1, 64, 3, 3)
     calls = counting(monkeypatch)
     with torch.no_grad():
@@ -93,12 +94,49 @@ def test_predicting_and_frozen_weights_take_the_plain_conv(monkeypatch):
     assert not calls and x.grad is not None
 
 
-def test_use_product_grad_conv_swaps_the_3x3_convs_and_they_still_become_winograds():
+def test_use_training_convs_swaps_the_3x3_convs_and_they_still_become_winograds():
     model = nn.Sequential(nn.Conv2d(128, 128, 3, padding=1), nn.Conv2d(128, 128, 3, stride=2, padding=1),
                           nn.Conv2d(128, 128, 1), nn.Conv2d(128, 128, 3, padding=1, bias=False))
     state = model.state_dict()
-    assert use_product_grad_conv(model) == 2
-    assert [type(m) for m in model] == [ProductGradConv2d, nn.Conv2d, nn.Conv2d, ProductGradConv2d]
+    assert use_training_convs(model) == 2
+    assert [type(m) for m in model] == [TrainingConv2d, nn.Conv2d, nn.Conv2d, TrainingConv2d]
     assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     assert use_winograd(model) == 2 and isinstance(model[3], WinogradConv2d)
+
+
+def counting_winograd(monkeypatch):
+    calls = []
+    real = training_conv.conv3x3
+    monkeypatch.setattr(training_conv, "conv3x3", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("avx2_only", [False, True])
+def test_large_maps_train_by_winograd_with_the_convs_values_and_gradients(monkeypatch, avx2_only):
+    """128 channels on a 64x64 map (4096 pixels): forward and data gradient by Winograd, the
+    weight gradient by the products on AVX2-only CPUs and by oneDNN's kernel elsewhere."""
+    monkeypatch.setattr(training_conv, "AVX2_ONLY", avx2_only)
+    torch.manual_seed(0)
+    plain = nn.Conv2d(128, 128, 3, padding=1).to(memory_format=torch.channels_last)
+    fast = TrainingConv2d.from_conv(nn.Conv2d(128, 128, 3, padding=1))
+    fast.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 128, 64, 64).to(memory_format=torch.channels_last)
+    winograd, products = counting_winograd(monkeypatch), counting(monkeypatch)
+    y_fast, *g_fast = grads(fast, x)
+    y_plain, *g_plain = grads(plain, x)
+    assert len(winograd) == 2 and bool(products) == avx2_only
+    assert y_fast.is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip([y_fast, *g_fast], [y_plain, *g_plain]):  # Winograd rounds to ~1e-5 of the scale
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("shape, autocast", [((1, 128, 32, 32), False), ((1, 64, 64, 64), False),
+                                             ((4, 128, 64, 3), False), ((1, 128, 64, 64), True)])
+def test_small_thin_or_narrow_maps_and_autocast_keep_the_direct_conv(monkeypatch, shape, autocast):
+    """1024 pixels, 64 channels, maps thinner than a tile, and bf16 autocast: no Winograd."""
+    conv = TrainingConv2d.from_conv(nn.Conv2d(shape[1], shape[1], 3, padding=1))
+    winograd = counting_winograd(monkeypatch)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        conv(torch.randn(shape).requires_grad_()).float().sum().backward()
+    assert not winograd and conv.weight.grad is not None

@@ -1,6 +1,15 @@
-"""The weight gradient of a 3x3 convolution as matrix products.
+"""3x3, stride-1 convolutions as the CPU trainer runs them, where oneDNN's kernels are slow.
 
-The gradient of a 3x3 convolution's weights is a sum over every output pixel p of the batch:
+**Forward and data gradient by Winograd** (``ops.winograd``) on maps of 4096 pixels or more
+with 128 channels or more in and out, in float32: the data gradient of such a convolution is
+itself one, of the output's gradient by the flipped filters with inputs and outputs swapped.
+The filters are transformed each step (1.7 ms for 256 channels; the weights change). On 2 Zen 3
+cores the forward took 0.51x-0.52x of oneDNN's time with 256 channels on 4 maps of 64x88 or 2 of
+100x134, 0.64x with 128 channels on 64x88, 0.72x-0.76x on 28 to 64 RoIs of 14x14, 0.93x on 4
+maps of 32x44; on 4 maps of 16x22 (1408 pixels) it lost (1.77x). Rounding as at inference,
+about 1e-5 of the output's scale.
+
+**The weight gradient as matrix products.** It is a sum over every output pixel p of the batch:
 
     dW[o, i, ky, kx] = sum_p dY[p, o] * X[p + (ky - 1, kx - 1), i]
 
@@ -22,6 +31,7 @@ On AVX-512 CPUs oneDNN was as fast or faster on larger maps (a 256-channel conv 
 16x22: 11.8 ms against 15.0 ms for the patches' product), so they keep its kernel.
 """
 
+
 from __future__ import annotations
 
 import torch
@@ -29,9 +39,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maskrcnn.ops.conv_swap import SwappedConv2d, is_3x3_same, swap_convs
+from maskrcnn.ops.winograd import conv3x3, winograd_weights
 
 AVX2_ONLY = torch.backends.cpu.get_cpu_capability() == "AVX2"
 """Whether this CPU's widest vectors are AVX2's, where every 3x3 weight gradient is products."""
+
+
+def _winograd_pays(x: Tensor, out_channels: int) -> bool:
+    """Whether a float32 training conv of ``x`` (N, C_in, H, W) runs forward and data gradient
+    by Winograd: 4096 pixels or more, 128 channels or more in and out, maps at least a tile
+    (4 pixels) high and wide."""
+    n, c, h, w = x.shape
+    return (x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            and min(c, out_channels) >= 128 and n * h * w >= 4096 and min(h, w) >= 4)
 
 
 def _few_pixels(x_shape: torch.Size) -> bool:
@@ -79,48 +99,61 @@ def _by_shifts(grad_out: Tensor, x: Tensor) -> Tensor:
 
 
 class _Conv3x3(torch.autograd.Function):
-    """conv2d(x, weight, bias, padding=1) whose weight gradient is ``weight_grad_3x3``; under
-    CPU autocast, computed in its dtype as autocast computes a convolution."""
+    """conv2d(x, weight, bias, padding=1), forward and data gradient by Winograd if
+    ``winograd``, the weight gradient by ``weight_grad_3x3`` if ``products`` (otherwise
+    oneDNN's); under CPU autocast, computed in its dtype as autocast computes a convolution."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, winograd: bool,
+                products: bool) -> Tensor:
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
         ctx.dtypes = (x.dtype, weight.dtype)
         x, weight = x.to(dtype), weight.to(dtype)
         ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.winograd, ctx.products = bias is not None, winograd, products
+        bias = None if bias is None else bias.to(dtype)
+        if winograd:
+            return conv3x3(x, winograd_weights(weight), bias)
         with torch.autocast("cpu", enabled=False):
-            return F.conv2d(x, weight, None if bias is None else bias.to(dtype), padding=1)
+            return F.conv2d(x, weight, bias, padding=1)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, weight = ctx.saved_tensors
         grad_out = grad_out.to(x.dtype).contiguous(memory_format=torch.channels_last)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.aten.convolution_backward(
-                grad_out, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
-                [True, False, False])[0].to(ctx.dtypes[0])
-        grad_w = weight_grad_3x3(grad_out, x).to(ctx.dtypes[1])
-        grad_b = grad_out.sum((0, 2, 3), dtype=torch.float32).to(ctx.dtypes[1]) if ctx.has_bias else None
-        return grad_x, grad_w, grad_b
+        need_x = ctx.needs_input_grad[0]
+        mask = [need_x and not ctx.winograd, not ctx.products, False]
+        onednn = (torch.ops.aten.convolution_backward(
+            grad_out, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask)
+            if any(mask) else (None, None))
+        grad_x = onednn[0]
+        if need_x and ctx.winograd:  # the conv of grad_out by the flipped, transposed filters
+            grad_x = conv3x3(grad_out, winograd_weights(weight.flip(2, 3).transpose(0, 1)))
+        grad_w = weight_grad_3x3(grad_out, x) if ctx.products else onednn[1]
+        grad_b = grad_out.sum((0, 2, 3), dtype=torch.float32) if ctx.has_bias else None
+        grad_x = None if grad_x is None else grad_x.to(ctx.dtypes[0])
+        grad_b = None if grad_b is None else grad_b.to(ctx.dtypes[1])
+        return grad_x, grad_w.to(ctx.dtypes[1]), grad_b, None, None
 
 
-class ProductGradConv2d(SwappedConv2d):
-    """A 3x3, stride-1, padding-1 ``nn.Conv2d`` whose weight gradient, when training on an
-    AVX2-only CPU or on a batch with no more pixels than input channels, is ``weight_grad_3x3``;
-    otherwise (and when predicting, and on GPUs) the plain conv. Same parameters and state dict
-    as the conv it replaces; the same outputs, and gradients that differ only by the order of
-    the sums."""
+class TrainingConv2d(SwappedConv2d):
+    """A 3x3, stride-1, padding-1 ``nn.Conv2d`` that, when training on the CPU, runs forward and
+    data gradient by Winograd where that pays (``_winograd_pays``) and takes the weight gradient
+    from ``weight_grad_3x3`` on AVX2-only CPUs and on batches with no more pixels than input
+    channels; otherwise (and when predicting, and on GPUs) the plain conv. Same parameters and
+    state dict as the conv it replaces; the same sums, rounded as Winograd's or in another
+    order."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if (x.device.type == "cpu" and torch.is_grad_enabled() and self.weight.requires_grad
-                and (AVX2_ONLY or _few_pixels(x.shape))):
-            return _Conv3x3.apply(x, self.weight, self.bias)
+        if x.device.type == "cpu" and torch.is_grad_enabled() and self.weight.requires_grad:
+            winograd = _winograd_pays(x, self.out_channels)
+            products = AVX2_ONLY or _few_pixels(x.shape)
+            if winograd or products:
+                return _Conv3x3.apply(x, self.weight, self.bias, winograd, products)
         return super().forward(x)
 
 
-def use_product_grad_conv(module: nn.Module) -> int:
-    """Swap every plain 3x3, stride-1 conv inside ``module`` for a ``ProductGradConv2d`` sharing
+def use_training_convs(module: nn.Module) -> int:
+    """Swap every plain 3x3, stride-1 conv inside ``module`` for a ``TrainingConv2d`` sharing
     its parameters. Returns the number swapped."""
-    return swap_convs(module, ProductGradConv2d, lambda conv: type(conv) is nn.Conv2d and is_3x3_same(conv))
+    return swap_convs(module, TrainingConv2d, lambda conv: type(conv) is nn.Conv2d and is_3x3_same(conv))
