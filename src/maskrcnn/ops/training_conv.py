@@ -31,7 +31,6 @@ On AVX-512 CPUs oneDNN was as fast or faster on larger maps (a 256-channel conv 
 16x22: 11.8 ms against 15.0 ms for the patches' product), so they keep its kernel.
 """
 
-
 from __future__ import annotations
 
 import torch

@@ -12,7 +12,7 @@ each tile's transform is one small product (36, 36) @ (36, C) in a batched call,
 tile's 6x6 input block and 4x4 output block are rows of whole pixels in the NHWC maps.
 
 Used at inference on the CPU, where the 256-channel convolutions of the FPN, the RPN and the
-mask head take most of the time. Rounding differs from a direct convolution: about 1e-5 of the
+mask head take most of the time, and in training on large maps (``ops.training_conv``). Rounding differs from a direct convolution: about 1e-5 of the
 output's scale against 2e-6 (float32).
 
 The work goes in chunks of tiles whose buffers are allocated once per call and reused, so that
@@ -69,7 +69,8 @@ def conv3x3(x: Tensor, u: Tensor, bias: Tensor | None = None, relu: bool = False
     whose ``winograd_weights`` are ``u`` (36, C_in, C_out), plus ``bias`` (C_out,), through a
     ReLU if ``relu``.
 
-    Returns (N, C_out, H, W) in channels-last memory. No autograd: for inference.
+    Returns (N, C_out, H, W) in channels-last memory. No autograd of its own: inference calls it
+    directly, and ``ops.training_conv`` from an autograd function.
 
     Column 7 of the output transform, the 6x6 block's (1, 1) entry, is all ones, so the bias
     goes into that one of the 36 products, (tiles, C_out), instead of into every output pixel;
