@@ -32,10 +32,11 @@ def test_weight_grad_3x3_is_the_convolutions_weight_gradient(shape, channels_las
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
-def counting(monkeypatch):
+def counting(monkeypatch, name="weight_grad_3x3"):
+    """The calls of ``training_conv``'s function ``name``, which still runs."""
     calls = []
-    real = training_conv.weight_grad_3x3
-    monkeypatch.setattr(training_conv, "weight_grad_3x3", lambda *a: calls.append(1) or real(*a))
+    real = getattr(training_conv, name)
+    monkeypatch.setattr(training_conv, name, lambda *a: calls.append(1) or real(*a))
     return calls
 
 
@@ -105,13 +106,6 @@ def test_use_training_convs_swaps_the_3x3_convs_and_they_still_become_winograds(
     assert use_winograd(model) == 2 and isinstance(model[3], WinogradConv2d)
 
 
-def counting_winograd(monkeypatch):
-    calls = []
-    real = training_conv.conv3x3
-    monkeypatch.setattr(training_conv, "conv3x3", lambda *a: calls.append(1) or real(*a))
-    return calls
-
-
 @pytest.mark.parametrize("avx2_only", [False, True])
 def test_large_maps_train_by_winograd_with_the_convs_values_and_gradients(monkeypatch, avx2_only):
     """128 channels on a 64x64 map (4096 pixels): forward and data gradient by Winograd, the
@@ -122,7 +116,7 @@ def test_large_maps_train_by_winograd_with_the_convs_values_and_gradients(monkey
     fast = TrainingConv2d.from_conv(nn.Conv2d(128, 128, 3, padding=1))
     fast.load_state_dict(plain.state_dict())
     x = torch.randn(1, 128, 64, 64).to(memory_format=torch.channels_last)
-    winograd, products = counting_winograd(monkeypatch), counting(monkeypatch)
+    winograd, products = counting(monkeypatch, "conv3x3"), counting(monkeypatch)
     y_fast, *g_fast = grads(fast, x)
     y_plain, *g_plain = grads(plain, x)
     assert len(winograd) == 2 and bool(products) == avx2_only
@@ -136,7 +130,7 @@ def test_large_maps_train_by_winograd_with_the_convs_values_and_gradients(monkey
 def test_small_thin_or_narrow_maps_and_autocast_keep_the_direct_conv(monkeypatch, shape, autocast):
     """1024 pixels, 64 channels, maps thinner than a tile, and bf16 autocast: no Winograd."""
     conv = TrainingConv2d.from_conv(nn.Conv2d(shape[1], shape[1], 3, padding=1))
-    winograd = counting_winograd(monkeypatch)
+    winograd = counting(monkeypatch, "conv3x3")
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         conv(torch.randn(shape).requires_grad_()).float().sum().backward()
     assert not winograd and conv.weight.grad is not None
