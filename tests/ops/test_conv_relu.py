@@ -54,10 +54,12 @@ def test_conv_relu_passes_the_relu_to_a_winograd_conv(monkeypatch):
 @pytest.mark.parametrize("r, h, w", [(12, 14, 14), (13, 14, 14), (14, 5, 7)])
 def test_conv_relu_stack_of_a_mosaic_equals_one_map_at_a_time(r, h, w, monkeypatch):
     """Many small maps go through the convs as one mosaic (full rows of places and a partial
-    last one), with the same result as each map alone, to Winograd's rounding."""
+    last one), with the same result as each map alone, to Winograd's rounding. Each conv after
+    the first writes into the previous conv's input where the channels match (not the fourth
+    here, which has fewer outputs)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(r, 8, h, w, generator=g).contiguous(memory_format=torch.channels_last)
-    convs = [nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 6, 3, padding=1)]
+    convs = [nn.Conv2d(8, 8, 3, padding=1) for _ in range(3)] + [nn.Conv2d(8, 6, 3, padding=1)]
     with torch.no_grad():
         for conv in convs:
             conv.bias.normal_(generator=g)  # the seams' nonzero biases must not leak
@@ -65,11 +67,19 @@ def test_conv_relu_stack_of_a_mosaic_equals_one_map_at_a_time(r, h, w, monkeypat
         for conv in convs:
             expected = F.relu(F.conv2d(expected, conv.weight.double(), conv.bias.double(), padding=1))
         fast = [WinogradConv2d.from_conv(c) for c in convs]
-        shapes = []
-        monkeypatch.setattr(winograd, "conv3x3", lambda x, *a: shapes.append(x.shape) or conv3x3(x, *a))
+        inputs, outs = [], []
+
+        def watched(x, *a):
+            inputs.append(x)
+            outs.append(a[3] if len(a) > 3 else None)
+            return conv3x3(x, *a)
+
+        monkeypatch.setattr(winograd, "conv3x3", watched)
         got = conv_relu_stack(x, fast)
     rows = -(-r // 3)
-    assert shapes == [(1, 8, rows * (h + 1) - 1, 3 * (w + 1) - 1)] * 2
+    assert [t.shape for t in inputs] == [(1, 8, rows * (h + 1) - 1, 3 * (w + 1) - 1)] * 4
+    assert outs[0] is None and outs[3] is None
+    assert [outs[1].data_ptr(), outs[2].data_ptr()] == [inputs[0].data_ptr(), inputs[1].data_ptr()]
     assert got.shape == (r, 6, h, w) and got.is_contiguous(memory_format=torch.channels_last)
     assert_winograd_close(got.double(), expected)
 

@@ -40,6 +40,16 @@ def test_conv3x3_reads_contiguous_input_too():
     assert_winograd_close(conv3x3(x, winograd_weights(weight)), expected)
 
 
+def test_conv3x3_writes_into_a_given_output():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 7, 9, generator=g).contiguous(memory_format=torch.channels_last)
+    u, bias = winograd_weights(torch.randn(5, 4, 3, 3, generator=g)), torch.randn(5, generator=g)
+    out = torch.full((2, 5, 7, 9), float("nan")).contiguous(memory_format=torch.channels_last)
+    got = conv3x3(x, u, bias, True, out)
+    assert got is out
+    torch.testing.assert_close(got, conv3x3(x, u, bias, True), rtol=0, atol=0)
+
+
 def test_use_winograd_swaps_only_eligible_convs_and_keeps_the_state_dict():
     model = nn.Sequential(nn.Conv2d(128, 128, 3, padding=1), nn.Conv2d(128, 128, 3, 2, 1),
                           nn.Conv2d(128, 128, 1), nn.Conv2d(64, 64, 3, padding=1),

@@ -55,10 +55,17 @@ def conv_relu_stack(x: Tensor, convs) -> Tensor:
         for conv in convs:
             x = conv_relu(conv, x)
         return x
-    y = to_mosaic(x, _MOSAIC_ACROSS)
+    y, spare = to_mosaic(x, _MOSAIC_ACROSS), None
     for conv in convs:
-        y = conv(y, relu=True)
+        # each conv after the first writes into the previous conv's input where it fits:
+        # no fresh pages to fault in
+        y, spare = conv(y, relu=True, out=spare if _fits(spare, y, conv) else None), y
         pixels = y[0].permute(1, 2, 0)  # (rows, columns, C), channels-last
         pixels[h::h + 1].zero_()
         pixels[:, w::w + 1].zero_()
     return from_mosaic(y, r, h, w)
+
+
+def _fits(buffer: Tensor | None, x: Tensor, conv: nn.Conv2d) -> bool:
+    """Whether ``buffer`` can hold ``conv``'s output for ``x``, a map of the same size."""
+    return buffer is not None and buffer.shape[1] == conv.out_channels and buffer.shape[2:] == x.shape[2:]

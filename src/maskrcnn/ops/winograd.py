@@ -64,13 +64,15 @@ def _transforms(like: Tensor) -> tuple[Tensor, Tensor]:
     return torch.kron(bt, bt).to(like), torch.kron(at, at).to(like)
 
 
-def conv3x3(x: Tensor, u: Tensor, bias: Tensor | None = None, relu: bool = False) -> Tensor:
+def conv3x3(x: Tensor, u: Tensor, bias: Tensor | None = None, relu: bool = False,
+            out: Tensor | None = None) -> Tensor:
     """The 3x3 convolution with stride 1 and padding 1 of ``x`` (N, C_in, H, W) by the filters
     whose ``winograd_weights`` are ``u`` (36, C_in, C_out), plus ``bias`` (C_out,), through a
     ReLU if ``relu``.
 
-    Returns (N, C_out, H, W) in channels-last memory. No autograd of its own: inference calls it
-    directly, and ``ops.training_conv`` from an autograd function.
+    Returns (N, C_out, H, W) in channels-last memory: ``out`` itself if given (a channels-last
+    tensor of that shape, not overlapping ``x``), otherwise a new tensor. No autograd of its
+    own: inference calls it directly, and ``ops.training_conv`` from an autograd function.
 
     Column 7 of the output transform, the 6x6 block's (1, 1) entry, is all ones, so the bias
     goes into that one of the 36 products, (tiles, C_out), instead of into every output pixel;
@@ -80,8 +82,9 @@ def conv3x3(x: Tensor, u: Tensor, bias: Tensor | None = None, relu: bool = False
     co = u.shape[2]
     th, tw = -(-h // 4), -(-w // 4)  # tiles down and across; the last ones may overhang
     nhwc = x.permute(0, 2, 3, 1)
-    result = torch.empty((n, co, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-    out = result.permute(0, 2, 3, 1)  # (N, H, W, C_out), its memory
+    result = out if out is not None else torch.empty(
+        (n, co, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    pixels = result.permute(0, 2, 3, 1)  # (N, H, W, C_out), its memory
 
     # A chunk is `rows` tile rows of `imgs` images; its input band, zero-padded, lives in `band`.
     rows = max(1, min(th, _TILES_PER_CHUNK // tw))
@@ -113,7 +116,7 @@ def conv3x3(x: Tensor, u: Tensor, bias: Tensor | None = None, relu: bool = False
             if bias is not None:
                 mk[_ONES_COLUMN].add_(bias)
             yk = torch.bmm(ka[:k], mk.transpose(0, 1), out=y[:k])  # (k, 16, C_out)
-            _put(out[i0:i1, 4 * r0:min(h, 4 * r1)], yk.view(ni, nr, tw, 4, 4, co), relu)
+            _put(pixels[i0:i1, 4 * r0:min(h, 4 * r1)], yk.view(ni, nr, tw, 4, 4, co), relu)
     return result
 
 
@@ -165,14 +168,14 @@ class WinogradConv2d(SwappedConv2d):
                 and min(x.shape[-2:]) >= 4 and not torch.is_autocast_enabled("cpu")
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)))
 
-    def forward(self, x: Tensor, relu: bool = False) -> Tensor:
+    def forward(self, x: Tensor, relu: bool = False, out: Tensor | None = None) -> Tensor:
         """The conv of ``x`` (N, C_in, H, W), through a ReLU if ``relu`` (in the same pass on
-        the fast path)."""
+        the fast path, which writes into ``out`` if given: see ``conv3x3``)."""
         if not self.fast(x):
             y = super().forward(x)
             return F.relu(y, inplace=True) if relu else y
         bias = None if self.bias is None else self.bias.detach()
-        return conv3x3(x, self._transformed(self.weight), bias, relu)
+        return conv3x3(x, self._transformed(self.weight), bias, relu, out)
 
 
 def to_mosaic(x: Tensor, across: int) -> Tensor:
