@@ -288,13 +288,13 @@ def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0,
     rois = as_rois(boxes, input)
     if rois.shape[0] == 0:
         return empty_pool(input, output_size)
-    # forward runs without grad mode, so whether S^T will be needed is decided here
-    needs_grad = torch.is_grad_enabled() and input.requires_grad
     # autocast must not lower the sums' precision; the output keeps the input's dtype
     with torch.autocast(input.device.type, enabled=False):
         if input.device.type != "cpu":
             return _roi_align_bags(input, rois, tuple(output_size), float(spatial_scale),
                                    int(sampling_ratio), bool(aligned))
+        # forward runs without grad mode, so whether S^T will be needed is decided here
+        needs_grad = torch.is_grad_enabled() and input.requires_grad
         return _RoIAlign.apply(input, rois, tuple(output_size), float(spatial_scale),
                                int(sampling_ratio), bool(aligned), needs_grad)
 

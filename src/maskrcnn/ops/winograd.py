@@ -12,8 +12,9 @@ each tile's transform is one small product (36, 36) @ (36, C) in a batched call,
 tile's 6x6 input block and 4x4 output block are rows of whole pixels in the NHWC maps.
 
 Used at inference on the CPU, where the 256-channel convolutions of the FPN, the RPN and the
-mask head take most of the time, and in training on large maps (``ops.training_conv``). Rounding differs from a direct convolution: about 1e-5 of the
-output's scale against 2e-6 (float32).
+mask head take most of the time, and in training on large maps (``ops.training_conv``).
+Rounding differs from a direct convolution: about 1e-5 of the output's scale against 2e-6
+(float32).
 
 The work goes in chunks of tiles whose buffers are allocated once per call and reused, so that
 the intermediates stay small; fresh large tensors cost page faults on every call.
