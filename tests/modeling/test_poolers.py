@@ -2,6 +2,7 @@ import torch
 
 from maskrcnn.modeling.poolers import MultiLevelRoIAlign, assign_levels
 from maskrcnn.ops import roi_align
+from maskrcnn.ops.roi_align import roi_align_pyramid
 
 
 def test_level_rule_boundaries():
@@ -23,3 +24,27 @@ def test_multilevel_output_keeps_the_maps_memory_format_and_box_order():
         out = pooler([m.contiguous(memory_format=layout) for m in maps], boxes)
         assert out.is_contiguous(memory_format=layout)
         torch.testing.assert_close(out, expected)
+
+
+def test_a_pyramid_in_one_buffer_pools_in_one_product(monkeypatch):
+    """Maps that are views of one buffer, level after level (FPN's when predicting), take the
+    one-product path and give what the same maps apart give."""
+    import maskrcnn.modeling.poolers as poolers
+
+    g = torch.Generator().manual_seed(0)
+    pooler = MultiLevelRoIAlign(output_size=3, strides=(4, 8, 16), sampling_ratio=0, aligned=False)
+    shapes = [(16, 20), (8, 10), (4, 5)]
+    buffer = torch.randn(2 * sum(h * w for h, w in shapes), 6, generator=g)
+    maps = [part.view(2, h, w, 6).permute(0, 3, 1, 2)
+            for part, (h, w) in zip(buffer.split([2 * h * w for h, w in shapes]), shapes)]
+    xy = torch.rand(2, 12, 2, generator=g) * 60
+    boxes = [torch.cat([p, p + torch.rand(12, 2, generator=g) * 300], 1) for p in xy]
+    calls = []
+    monkeypatch.setattr(poolers, "roi_align_pyramid",
+                        lambda *a, **k: calls.append(1) or roi_align_pyramid(*a, **k))
+    got = pooler(maps, boxes)
+    assert calls == [1]
+    expected = pooler([m.clone() for m in maps], boxes)
+    assert calls == [1]
+    assert len(set(assign_levels(torch.cat(boxes), 2, 4).tolist())) == 3
+    assert torch.equal(got, expected)

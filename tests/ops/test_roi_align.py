@@ -275,3 +275,22 @@ def test_under_autocast_the_sums_stay_float32_and_the_output_keeps_the_input_dty
     assert torch.equal(low, roi_align(low_in.detach().float(), rois, 7, 1.0, 2, True).bfloat16())
     low.float().sum().backward()
     assert low_in.grad.dtype == torch.bfloat16 and low_in.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("ratio", [0, 2])
+def test_a_pyramid_table_pools_each_box_as_roi_align_on_its_level(aligned, ratio):
+    """Three levels of two images, laid out as one table: every box's bins are what roi_align
+    gives on its own level (the same sums in the same order), in the order of the boxes."""
+    shapes, scales = [(10, 13), (5, 7), (3, 4)], [1.0, 0.5, 0.25]
+    maps = [feature(channels=4, dtype=torch.float32, seed=i, hw=hw) for i, hw in enumerate(shapes)]
+    table = torch.cat([m.permute(0, 2, 3, 1).reshape(-1, 4) for m in maps])
+    halves = CELL_BOXES[:4].clone()
+    halves[:, 1:] *= 0.5
+    rois = torch.cat([rois_for(aligned, 1.0), rois_for(aligned, 1.0, halves)])
+    levels = torch.tensor([0, 1, 2, 1, 0, 2, 2, 1, 0, 1, 2, 0, 1, 2, 0, 1, 1])
+    got = roi_align_module.roi_align_pyramid(table, shapes, rois, levels, 3, scales, ratio, aligned)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    expected = torch.cat([roi_align(maps[lv], rois[k:k + 1], 3, scales[lv], ratio, aligned)
+                          for k, lv in enumerate(levels.tolist())])
+    assert torch.equal(got, expected)

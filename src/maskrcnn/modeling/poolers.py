@@ -7,8 +7,9 @@ import math
 import torch
 from torch import Tensor, nn
 
+from maskrcnn.modeling.fpn import pyramid_table
 from maskrcnn.ops import box_area, roi_align
-from maskrcnn.ops.roi_align import as_rois
+from maskrcnn.ops.roi_align import as_rois, roi_align_pyramid
 
 
 def assign_levels(boxes: Tensor, min_level: int, max_level: int, canonical_size: float = 224.0,
@@ -28,7 +29,9 @@ class MultiLevelRoIAlign(nn.Module):
 
     ``forward(features, boxes)``: features is the list of maps with the given ``strides``
     (N, C, H_l, W_l), boxes a list of per-image (R_i, 4) in input pixels.
-    Returns (sum R_i, C, S, S) in the order of the concatenated boxes.
+    Returns (sum R_i, C, S, S) in the order of the concatenated boxes. Maps that lie level after
+    level in one channels-last table on the CPU (FPN's P2-P5 when predicting) are pooled in one
+    product for all boxes (``roi_align_pyramid``); others level by level.
     """
 
     def __init__(self, *, output_size: int, strides: tuple[int, ...], sampling_ratio: int,
@@ -45,13 +48,19 @@ class MultiLevelRoIAlign(nn.Module):
         rois = as_rois(boxes, first)  # (R, 5): batch index, x1, y1, x2, y2
         if len(features) == 1:
             return self._pool(first, rois, self.strides[0])
+        level = assign_levels(rois[:, 1:], self.levels[0], self.levels[-1]) - self.levels[0]
+        grad = torch.is_grad_enabled() and first.requires_grad
+        table = pyramid_table(features) if first.device.type == "cpu" and not grad else None
+        if table is not None and rois.shape[0]:  # every level in one product
+            return roi_align_pyramid(table, [f.shape[-2:] for f in features], rois, level,
+                                     self.output_size, [1 / s for s in self.strides],
+                                     self.sampling_ratio, self.aligned)
         # every box gets exactly one level, so each row of ``out`` is written below; in the maps'
         # memory format, so that channels-last rows are copied whole rather than transposed
         cl = first.is_contiguous(memory_format=torch.channels_last)
         out = torch.empty((rois.shape[0], first.shape[1], self.output_size, self.output_size),
                           dtype=first.dtype, device=first.device,
                           memory_format=torch.channels_last if cl else torch.contiguous_format)
-        level = assign_levels(rois[:, 1:], self.levels[0], self.levels[-1]) - self.levels[0]
         for i, (feature, stride) in enumerate(zip(features, self.strides)):
             idx = torch.nonzero(level == i).squeeze(1)
             if idx.numel():

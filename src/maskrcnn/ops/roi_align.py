@@ -15,7 +15,10 @@ out as rows ``F`` (N*H*W, C), channels last, the output is ``S @ F`` for a spars
 with one row per output cell (K*PH*PW). Interpolation and the validity test both factorise
 into a y part and an x part, so the taps are worked out per axis (a few cells per bin) and a
 row of ``S`` is the outer product of its bin's y taps and x taps. The backward pass is
-``S^T @ grad``: no scattered atomic adds, and no gradient for the boxes.
+``S^T @ grad``: no scattered atomic adds, and no gradient for the boxes. When the levels of a
+pyramid lie one after another in one table of rows, as FPN writes them when predicting, the
+columns of ``S`` span the whole table and one product pools every box from its own level
+(``roi_align_pyramid``).
 
 On a GPU, building ``S`` row by row (dropping its zeros, counting each row's entries) would wait
 on the device several times per call, and the time would go to the host. There each output cell
@@ -37,12 +40,13 @@ _CHUNK_ENTRIES = 1 << 21  # nonzeros of S built at once: bounds memory for large
 _CHANNEL_BLOCK = 32  # channels per sparse product; measured fastest for NCHW input on CPU
 
 
-def _axis_taps(start: Tensor, length: Tensor, pooled: int, size: int, ratio: int, aligned: bool):
+def _axis_taps(start: Tensor, length: Tensor, pooled: int, size, ratio: int, aligned: bool):
     """Interpolation taps along one axis for K RoIs.
 
-    ``start``, ``length`` (K,) are in feature cells. Returns ``cells`` (K, pooled, D) int64,
-    the distinct cells each bin reads (padded with ``size``), their summed weights (K, pooled,
-    D) (0 where padded) and the number of samples per bin along this axis ``grid`` (K,).
+    ``start``, ``length`` (K,) are in feature cells; ``size`` is the map's size along the axis,
+    an int or each RoI's (K,). Returns ``cells`` (K, pooled, D) int64, the distinct cells each
+    bin reads (padded with the size), their summed weights (K, pooled, D) (0 where padded) and
+    the number of samples per bin along this axis ``grid`` (K,).
     """
     if not aligned:
         length = length.clamp(min=1.0)
@@ -52,6 +56,7 @@ def _axis_taps(start: Tensor, length: Tensor, pooled: int, size: int, ratio: int
     else:
         grid = torch.ceil(bin_size).long()
     dtype, device = start.dtype, start.device
+    size = torch.as_tensor(size, device=device).view(-1, 1, 1)  # (1 or K, 1, 1)
     p = torch.arange(pooled, device=device, dtype=dtype)[None, :, None]
     samples = ratio if ratio > 0 else max(int(grid.max()), 1)  # no wait on the device when fixed
     i = torch.arange(samples, device=device)[None, None, :]
@@ -62,7 +67,7 @@ def _axis_taps(start: Tensor, length: Tensor, pooled: int, size: int, ratio: int
     pos = pos.clamp(min=0)
     low = pos.floor()
     edge = low >= size - 1
-    low = torch.where(edge, float(size - 1), low)
+    low = torch.where(edge, (size - 1).to(dtype), low)
     frac = torch.where(edge, 0.0, pos - low)
     low = torch.where(valid, low, 0.0).long()
     high = torch.where(edge, low, low + 1)
@@ -76,27 +81,30 @@ def _axis_taps(start: Tensor, length: Tensor, pooled: int, size: int, ratio: int
     new = torch.ones_like(keep)
     new[..., 1:] = cells[..., 1:] != cells[..., :-1]
     slot = new.cumsum(-1) - 1
-    merged_cells = torch.full_like(cells, size).scatter_(-1, slot, cells)
+    merged_cells = size.expand_as(cells).clone().scatter_(-1, slot, cells)
     merged_weights = torch.zeros_like(weights).scatter_add_(-1, slot, weights)
     d = max(int((merged_cells < size).sum(-1).max()), 1)
     return merged_cells[..., :d], merged_weights[..., :d], grid
 
 
-def _taps(rois: Tensor, output_size: tuple[int, int], size: tuple[int, int], spatial_scale: float,
+def _taps(rois: Tensor, output_size: tuple[int, int], size: tuple, spatial_scale,
           sampling_ratio: int, aligned: bool, dtype: torch.dtype):
-    """The y and x taps (``_axis_taps``) of every RoI of ``rois`` (K, 5) on a map of ``size``."""
+    """The y and x taps (``_axis_taps``) of every RoI of ``rois`` (K, 5) on a map of ``size``
+    (H, W), by ``spatial_scale``: each a number, or each RoI's (K,) when they pool from maps of
+    different sizes."""
     offset = 0.5 if aligned else 0.0
+    scale = torch.as_tensor(spatial_scale, dtype=torch.float64, device=rois.device).view(-1, 1)
     # scaled in double and rounded once, as the reference kernel does
-    x1, y1, x2, y2 = (rois[:, 1:].double() * spatial_scale - offset).to(dtype).unbind(1)
+    x1, y1, x2, y2 = (rois[:, 1:].double() * scale - offset).to(dtype).unbind(1)
     return (_axis_taps(y1, y2 - y1, output_size[0], size[0], sampling_ratio, aligned),
             _axis_taps(x1, x2 - x1, output_size[1], size[1], sampling_ratio, aligned))
 
 
-def _chunks(y_cells: Tensor, x_cells: Tensor, size_y: int, size_x: int) -> list[tuple[int, int]]:
+def _chunks(y_weights: Tensor, x_weights: Tensor) -> list[tuple[int, int]]:
     """Consecutive RoI ranges [k0, k1) whose padded S entries stay near ``_CHUNK_ENTRIES``."""
-    ny = (y_cells < size_y).sum(-1).amax(-1)  # (K,) widest y tap list of each RoI
-    nx = (x_cells < size_x).sum(-1).amax(-1)
-    cost = ny * nx * (y_cells.shape[1] * x_cells.shape[1])
+    ny = (y_weights != 0).sum(-1).amax(-1)  # (K,) widest y tap list of each RoI
+    nx = (x_weights != 0).sum(-1).amax(-1)
+    cost = ny * nx * (y_weights.shape[1] * x_weights.shape[1])
     window = (cost.cumsum(0) - 1).div(_CHUNK_ENTRIES, rounding_mode="floor")
     ends = torch.unique_consecutive(window, return_counts=True)[1].cumsum(0).tolist()
     return list(zip([0] + ends[:-1], ends))
@@ -124,30 +132,31 @@ def _by_rows(rows: Tensor, cols: Tensor, values: Tensor, n_rows: int) -> _Sparse
     return _Sparse(counts.cumsum(0) - counts, cols, values)
 
 
-def _entries(batch: Tensor, y, x, shape) -> tuple[Tensor, Tensor]:
-    """The entries of S for RoIs in images ``batch`` (k,) whose taps are ``y`` and ``x``: each
-    output cell's values and columns (k, PH, PW, Dy, Dx), the outer product of its bin's y taps
-    and x taps divided by the bin's number of samples. Padded taps have value 0."""
-    n, h, w = shape
+def _entries(start: Tensor, width: Tensor, y, x) -> tuple[Tensor, Tensor]:
+    """The entries of S for k RoIs whose taps are ``y`` and ``x``, on maps whose first rows are
+    ``start`` (k,) and whose widths are ``width`` (k,): each output cell's values and columns
+    (k, PH, PW, Dy, Dx), the outer product of its bin's y taps and x taps divided by the bin's
+    number of samples. Padded taps have value 0."""
     y_cells, y_weights, y_grid = y
     x_cells, x_weights, x_grid = x
     count = (y_grid * x_grid).clamp(min=1).to(y_weights.dtype)  # samples per bin
     values = (y_weights / count[:, None, None])[:, :, None, :, None] * x_weights[:, None, :, None, :]
-    y_offset = batch.long()[:, None, None] * (h * w) + y_cells * w  # (k, PH, Dy)
+    y_offset = start[:, None, None] + y_cells * width[:, None, None]  # (k, PH, Dy)
     cols = y_offset[:, :, None, :, None] + x_cells[:, None, :, None, :]
     return values, cols
 
 
-def _operator(rois: Tensor, k0: int, k1: int, y, x, shape, transpose: bool):
-    """The rows of S for RoIs [k0, k1), (rows, N*H*W), and S^T if ``transpose``."""
-    n, h, w = shape
+def _operator(start: Tensor, width: Tensor, k0: int, k1: int, y, x, columns: int,
+              transpose: bool):
+    """The rows of S for RoIs [k0, k1), (rows, ``columns``), and S^T if ``transpose``."""
     y_cells, y_weights, y_grid = (t[k0:k1] for t in y)
     x_cells, x_weights, x_grid = (t[k0:k1] for t in x)
     # trim the padding to this chunk's widest tap lists
     dy = max(int((y_weights != 0).sum(-1).max()), 1)
     dx = max(int((x_weights != 0).sum(-1).max()), 1)
-    values, cols = _entries(rois[k0:k1, 0], (y_cells[..., :dy], y_weights[..., :dy], y_grid),
-                            (x_cells[..., :dx], x_weights[..., :dx], x_grid), shape)
+    values, cols = _entries(start[k0:k1], width[k0:k1],
+                            (y_cells[..., :dy], y_weights[..., :dy], y_grid),
+                            (x_cells[..., :dx], x_weights[..., :dx], x_grid))
     entries = values.flatten().nonzero().squeeze(1)
     rows = entries.div(dy * dx, rounding_mode="floor")
     cols, values = cols.flatten()[entries], values.flatten()[entries]
@@ -155,9 +164,9 @@ def _operator(rois: Tensor, k0: int, k1: int, y, x, shape, transpose: bool):
     s = _by_rows(rows, cols, values, n_rows)
     if not transpose:
         return s, None
-    key = cols.int() if n * h * w < 2**31 else cols  # int32 keys sort twice as fast
+    key = cols.int() if columns < 2**31 else cols  # int32 keys sort twice as fast
     order = key.argsort(stable=True)  # rows stay ascending within each column
-    return s, _by_rows(cols[order], rows[order], values[order], n * h * w)
+    return s, _by_rows(cols[order], rows[order], values[order], columns)
 
 
 def _roi_align_bags(input: Tensor, rois: Tensor, output_size: tuple[int, int],
@@ -171,12 +180,14 @@ def _roi_align_bags(input: Tensor, rois: Tensor, output_size: tuple[int, int],
     y = (y[0].clamp(max=h - 1), *y[1:])
     x = (x[0].clamp(max=w - 1), *x[1:])
     rows = input.permute(0, 2, 3, 1).reshape(n * h * w, c).to(dtype)  # (N*H*W, C)
+    start, width = _map_starts(rois, h, w)
     k, bag = rois.shape[0], ph * pw * y[0].shape[-1] * x[0].shape[-1]
     step = max(_CHUNK_ENTRIES // bag, 1)  # RoIs whose bags are built at once
     pieces = []
     for k0 in range(0, k, step):
         part = slice(k0, min(k0 + step, k))
-        values, cols = _entries(rois[part, 0], [t[part] for t in y], [t[part] for t in x], (n, h, w))
+        values, cols = _entries(start[part], width[part], [t[part] for t in y],
+                                [t[part] for t in x])
         bags = len(values) * ph * pw
         pooled = F.embedding_bag(cols.reshape(bags, -1), rows, mode="sum",
                                  per_sample_weights=values.reshape(bags, -1))
@@ -184,6 +195,41 @@ def _roi_align_bags(input: Tensor, rois: Tensor, output_size: tuple[int, int],
     out = torch.cat(pieces).permute(0, 3, 1, 2)  # channels-last memory
     fmt = torch.channels_last if _channels_last(input) else torch.contiguous_format
     return out.to(input.dtype, memory_format=fmt)
+
+
+def _map_starts(rois: Tensor, h: int, w: int) -> tuple[Tensor, Tensor]:
+    """Each RoI's map on an (N, C, H, W) input laid out as rows: its first row and width (K,)."""
+    batch = rois[:, 0].long()
+    return batch * (h * w), torch.full_like(batch, w)
+
+
+def _pool(rows, blocks: list[tuple[int, int]], maps: tuple[Tensor, Tensor, int], y, x,
+          out_dtype: torch.dtype, fmt: torch.memory_format, transpose: bool):
+    """``S @ rows`` for K RoIs: the output (K, C, PH, PW) in ``out_dtype`` and memory format
+    ``fmt``, and for each chunk of RoIs (k0, k1, S^T if ``transpose`` else None).
+
+    The maps are laid out as rows, one per pixel: ``rows(c0, c1)`` gives their channels
+    [c0, c1), (columns, c1 - c0), for each of ``blocks``. ``maps`` is (start, width, columns):
+    the first row and the width of each RoI's map (K,), and the number of rows. ``y``, ``x``:
+    the RoIs' taps (``_taps``)."""
+    start, width, columns = maps
+    k, ph, pw = y[0].shape[0], y[0].shape[1], x[0].shape[1]
+    c = blocks[-1][1]
+    chunks, pieces = _chunks(y[1], x[1]), []
+    single = fmt == torch.channels_last and len(chunks) == 1  # the whole output in one product
+    out = None if single else torch.empty((k, c, ph, pw), dtype=out_dtype,
+                                          device=start.device, memory_format=fmt)
+    for k0, k1 in chunks:
+        s, s_t = _operator(start, width, k0, k1, y, x, columns, transpose)
+        pieces.append((k0, k1, s_t))
+        for c0, c1 in blocks:
+            pooled = s.mm(rows(c0, c1))  # (rows, c1 - c0)
+            pooled = pooled.view(k1 - k0, ph, pw, c1 - c0).permute(0, 3, 1, 2)
+            if single:  # the product's rows are already the channels-last output's memory
+                out = pooled.to(out_dtype)
+            else:
+                out[k0:k1, c0:c1] = pooled
+    return out, pieces
 
 
 def _channel_blocks(input: Tensor) -> list[tuple[int, int]]:
@@ -208,25 +254,13 @@ class _RoIAlign(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, rois, output_size, spatial_scale, sampling_ratio, aligned, needs_grad):
         n, c, h, w = input.shape
-        ph, pw = output_size
         dtype = compute_dtype(input.dtype)
         y, x = _taps(rois, output_size, (h, w), spatial_scale, sampling_ratio, aligned, dtype)
-        k = rois.shape[0]
+        start, width = _map_starts(rois, h, w)
         fmt = torch.channels_last if _channels_last(input) else torch.contiguous_format
-        blocks, chunks, pieces = _channel_blocks(input), _chunks(y[0], x[0], h, w), []
-        single = fmt == torch.channels_last and len(chunks) == 1  # the whole output in one product
-        out = None if single else torch.empty((k, c, ph, pw), dtype=input.dtype,
-                                              device=input.device, memory_format=fmt)
-        for k0, k1 in chunks:
-            s, s_t = _operator(rois, k0, k1, y, x, (n, h, w), needs_grad)
-            pieces.append((k0, k1, s_t))
-            for c0, c1 in blocks:
-                pooled = s.mm(_as_rows(input[:, c0:c1], dtype))  # (rows, c1 - c0)
-                pooled = pooled.view(k1 - k0, ph, pw, c1 - c0).permute(0, 3, 1, 2)
-                if single:  # the product's rows are already the channels-last output's memory
-                    out = pooled.to(input.dtype)
-                else:
-                    out[k0:k1, c0:c1] = pooled
+        out, pieces = _pool(lambda c0, c1: _as_rows(input[:, c0:c1], dtype),
+                            _channel_blocks(input), (start, width, n * h * w), y, x,
+                            input.dtype, fmt, needs_grad)
         ctx.pieces, ctx.input_shape, ctx.input_dtype, ctx.fmt = pieces, input.shape, input.dtype, fmt
         return out
 
@@ -297,6 +331,35 @@ def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0,
         needs_grad = torch.is_grad_enabled() and input.requires_grad
         return _RoIAlign.apply(input, rois, tuple(output_size), float(spatial_scale),
                                int(sampling_ratio), bool(aligned), needs_grad)
+
+
+def roi_align_pyramid(table: Tensor, shapes: list[tuple[int, int]], rois: Tensor, levels: Tensor,
+                      output_size: int, scales: list[float], sampling_ratio: int = -1,
+                      aligned: bool = False) -> Tensor:
+    """RoIAlign of each RoI on its own level of a pyramid stored as one table of rows: what
+    :func:`roi_align` gives level by level, in one product for all RoIs. For prediction on the
+    CPU (no gradient).
+
+    ``table`` (T, C): the levels' maps one after another, channels last, level l's N maps of
+    ``shapes[l]`` (H_l, W_l) as N * H_l * W_l rows; ``rois`` (K, 5) as for :func:`roi_align`;
+    ``levels`` (K,) each RoI's level; ``scales`` each level's spatial scale. Returns
+    (K, C, S, S), channels-last, in the table's dtype.
+    """
+    device = table.device
+    heights, widths, areas = (torch.tensor(v, device=device) for v in
+                              zip(*[(h, w, h * w) for h, w in shapes]))
+    n = table.shape[0] // int(areas.sum())
+    first = n * (areas.cumsum(0) - areas)  # each level's first row
+    h, w = heights[levels], widths[levels]
+    start = first[levels] + rois[:, 0].long() * h * w
+    scale = torch.tensor(scales, dtype=torch.float64, device=device)[levels]
+    dtype = compute_dtype(table.dtype)
+    with torch.autocast(device.type, enabled=False):
+        y, x = _taps(rois, (output_size, output_size), (h, w), scale, sampling_ratio, aligned,
+                     dtype)
+        out, _ = _pool(lambda c0, c1: table.to(dtype), [(0, table.shape[1])],
+                       (start, w, table.shape[0]), y, x, table.dtype, torch.channels_last, False)
+    return out
 
 
 class RoIAlign(nn.Module):

@@ -171,10 +171,11 @@ class WinogradConv2d(SwappedConv2d):
 
     def forward(self, x: Tensor, relu: bool = False, out: Tensor | None = None) -> Tensor:
         """The conv of ``x`` (N, C_in, H, W), through a ReLU if ``relu`` (in the same pass on
-        the fast path, which writes into ``out`` if given: see ``conv3x3``)."""
+        the fast path), written into ``out`` if given (see ``conv3x3``)."""
         if not self.fast(x):
             y = super().forward(x)
-            return F.relu(y, inplace=True) if relu else y
+            y = F.relu(y, inplace=True) if relu else y
+            return y if out is None else out.copy_(y)
         bias = None if self.bias is None else self.bias.detach()
         return conv3x3(x, self._transformed(self.weight), bias, relu, out)
 
