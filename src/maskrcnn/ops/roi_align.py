@@ -346,11 +346,11 @@ def roi_align_pyramid(table: Tensor, shapes: list[tuple[int, int]], rois: Tensor
     (K, C, S, S), channels-last, in the table's dtype.
     """
     device = table.device
-    heights, widths, areas = (torch.tensor(v, device=device) for v in
-                              zip(*[(h, w, h * w) for h, w in shapes]))
+    sizes = torch.tensor(shapes, device=device)  # (L, 2): H_l, W_l
+    areas = sizes.prod(1)
     n = table.shape[0] // int(areas.sum())
     first = n * (areas.cumsum(0) - areas)  # each level's first row
-    h, w = heights[levels], widths[levels]
+    h, w = sizes[levels].unbind(1)
     start = first[levels] + rois[:, 0].long() * h * w
     scale = torch.tensor(scales, dtype=torch.float64, device=device)[levels]
     dtype = compute_dtype(table.dtype)
