@@ -35,8 +35,12 @@ def overlay(image, instances: Instances, alpha: float = 0.5) -> Image.Image:
     canvas = array.astype(np.float32)
     colours = instance_colours(len(instances))
     masks = instances.masks.cpu().numpy()
-    for mask, colour in zip(masks, colours):
-        canvas[mask] = (1 - alpha) * canvas[mask] + alpha * np.array(colour, np.float32)
+    # each mask is blended within the rows and columns it covers, not over the whole image
+    for mask, colour, rows, cols in zip(masks, colours, masks.any(2), masks.any(1)):
+        if rows.any():
+            (y0, y1), (x0, x1) = _extent(rows), _extent(cols)
+            region, inside = canvas[y0:y1, x0:x1], mask[y0:y1, x0:x1]
+            region[inside] = (1 - alpha) * region[inside] + alpha * np.array(colour, np.float32)
     picture = Image.fromarray(canvas.astype(np.uint8))
     draw = ImageDraw.Draw(picture)
     for box, name, score, colour in zip(instances.boxes.tolist(), instances.class_names,
@@ -47,6 +51,12 @@ def overlay(image, instances: Instances, alpha: float = 0.5) -> Image.Image:
         draw.rectangle([x, y, x + 6 * len(label) + 2, y + 10], fill=colour)
         draw.text((x + 1, y - 1), label, fill=(0, 0, 0))
     return picture
+
+
+def _extent(flags: np.ndarray) -> tuple[int, int]:
+    """The first True index of a 1-D array and the index after its last True."""
+    where = np.flatnonzero(flags)
+    return int(where[0]), int(where[-1]) + 1
 
 
 def plot_training_curves(metrics_jsonl: str | Path, out_png: str | Path) -> Path:

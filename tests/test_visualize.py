@@ -1,0 +1,29 @@
+import numpy as np
+import torch
+
+from maskrcnn.structures.instances import Instances
+from maskrcnn.visualize import instance_colours, overlay
+
+
+def test_overlay_blends_each_mask_in_turn_where_it_is_set():
+    """Every pixel of each mask, and only those, moves halfway to the mask's colour, masks in
+    order (so where two overlap the second blends over the first); empty masks change nothing."""
+    g = torch.Generator().manual_seed(0)
+    image = (torch.rand(3, 40, 60, generator=g) * 255).to(torch.uint8)
+    masks = torch.zeros(3, 40, 60, dtype=torch.bool)
+    masks[0, 5:20, 10:30] = True
+    masks[1, 15:38, 25:59] = torch.rand(23, 34, generator=g) > 0.5
+    # boxes inside the masks, so that the outlines drawn on top leave the masks' edges visible
+    boxes = torch.tensor([[14.0, 12.0, 24.0, 16.0], [32.0, 24.0, 50.0, 32.0], [0.0, 0.0, 1.0, 1.0]])
+    inst = Instances(boxes, torch.tensor([1, 2, 1]), [1, 2, 1], ["a", "b", "a"],
+                     torch.tensor([0.9, 0.8, 0.1]), masks)
+    expected = image.permute(1, 2, 0).numpy().astype(np.float32)
+    for mask, colour in zip(masks.numpy(), instance_colours(3)):
+        expected[mask] = 0.5 * expected[mask] + 0.5 * np.array(colour, np.float32)
+    got = np.asarray(overlay(image, inst))
+    # boxes and labels are drawn on top: leave out the pixels they cover (where an overlay that
+    # blends nothing differs from the image)
+    plain = image.permute(1, 2, 0).numpy()
+    away = ~np.any(np.asarray(overlay(image, inst, alpha=0.0)) != plain, -1)
+    assert away.sum() > 1000 and (masks[0].numpy() & masks[1].numpy() & away).any()
+    assert np.array_equal(got[away], expected.astype(np.uint8)[away])
