@@ -14,7 +14,8 @@ def test_overlay_blends_each_mask_in_turn_where_it_is_set():
     masks[0, 5:20, 10:30] = True
     masks[1, 15:38, 25:59] = torch.rand(23, 34, generator=g) > 0.5
     # boxes inside the masks, so that the outlines drawn on top leave the masks' edges visible
-    boxes = torch.tensor([[14.0, 12.0, 24.0, 16.0], [32.0, 24.0, 50.0, 32.0], [0.0, 0.0, 1.0, 1.0]])
+    boxes = torch.tensor([[14.0, 12.0, 24.0, 16.0], [32.0, 24.0, 50.0, 32.0],
+                          [0.0, 0.0, 1.0, 1.0]])
     inst = Instances(boxes, torch.tensor([1, 2, 1]), [1, 2, 1], ["a", "b", "a"],
                      torch.tensor([0.9, 0.8, 0.1]), masks)
     expected = image.permute(1, 2, 0).numpy().astype(np.float32)

@@ -289,7 +289,8 @@ def test_a_pyramid_table_pools_each_box_as_roi_align_on_its_level(aligned, ratio
     halves[:, 1:] *= 0.5
     rois = torch.cat([rois_for(aligned, 1.0), rois_for(aligned, 1.0, halves)])
     levels = torch.tensor([0, 1, 2, 1, 0, 2, 2, 1, 0, 1, 2, 0, 1, 2, 0, 1, 1])
-    got = roi_align_module.roi_align_pyramid(table, shapes, rois, levels, 3, scales, ratio, aligned)
+    got = roi_align_module.roi_align_pyramid(table, shapes, rois, levels, 3, scales, ratio,
+                                             aligned)
     assert got.is_contiguous(memory_format=torch.channels_last)
     expected = torch.cat([roi_align(maps[lv], rois[k:k + 1], 3, scales[lv], ratio, aligned)
                           for k, lv in enumerate(levels.tolist())])

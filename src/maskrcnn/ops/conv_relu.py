@@ -68,4 +68,5 @@ def conv_relu_stack(x: Tensor, convs) -> Tensor:
 
 def _fits(buffer: Tensor | None, x: Tensor, conv: nn.Conv2d) -> bool:
     """Whether ``buffer`` can hold ``conv``'s output for ``x``, a map of the same size."""
-    return buffer is not None and buffer.shape[1] == conv.out_channels and buffer.shape[2:] == x.shape[2:]
+    return (buffer is not None and buffer.shape[1] == conv.out_channels
+            and buffer.shape[2:] == x.shape[2:])
