@@ -2,9 +2,10 @@
 
 import torch
 
-from maskrcnn.api import Predictor
+from maskrcnn.api import Predictor, load
 from maskrcnn.config import small_cpu_model
 from maskrcnn.modeling.mask_rcnn import build_model
+from maskrcnn.weights import save_weights
 
 
 def test_predictor_runs_each_image_alone_on_the_cpu():
@@ -25,3 +26,23 @@ def test_predictor_runs_each_image_alone_on_the_cpu():
         assert len(inst) == len(alone) > 0
         for field in ("boxes", "labels", "scores", "masks"):
             assert torch.equal(getattr(inst, field), getattr(alone, field)), field
+
+
+def test_load_draws_no_random_numbers_and_takes_every_weight_from_the_file(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(small_cpu_model(3))
+    path = save_weights(tmp_path / "w.safetensors", model, class_names=["a", "b", "c"])
+    rng = torch.get_rng_state()
+    predictor = load(path, device="cpu", score_threshold=0.0)
+    assert torch.equal(torch.get_rng_state(), rng)  # layer initialisation was skipped
+    model.optimize_for_inference()
+    loaded = predictor.model.state_dict()
+    assert loaded.keys() == model.state_dict().keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded[key], value), key
+    image = torch.rand(3, 96, 128, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected = model([image])[0]
+    got = predictor(image)
+    assert len(got) == len(expected["scores"]) > 0
+    assert torch.equal(got.boxes, expected["boxes"]) and torch.equal(got.masks, expected["masks"])

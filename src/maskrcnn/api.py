@@ -100,8 +100,8 @@ def load(weights: str | Path, *, device: str = "auto", score_threshold: float = 
     >>> predictor = load("demo_out/model.safetensors")  # doctest: +SKIP
     """
     state, config, names, ids = read_weights(weights)
-    model = build_model(config)
-    model.load_state_dict(state)
+    model = build_model(config, random_init=False)
+    model.load_state_dict(state)  # strict: every tensor comes from the file
     model.optimize_for_inference()
     predictor = Predictor(model, class_names=names, category_ids=ids, score_threshold=score_threshold,
                           device=device)

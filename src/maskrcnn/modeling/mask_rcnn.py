@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from maskrcnn.config import ModelConfig
 from maskrcnn.modeling.anchors import AnchorGenerator
@@ -144,14 +145,32 @@ def check_targets(targets: list[dict]) -> None:
                              "(x1, y1, x2, y2) in pixels (convert COCO [x, y, w, h] first)")
 
 
-def build_model(cfg: ModelConfig) -> MaskRCNN:
+class _SkipInit(TorchFunctionMode):
+    """Layer initialisation does nothing: ``torch.nn.init``'s functions, and the random draws
+    that some of them make without passing through here, leave the tensors as allocated,
+    uninitialised, to be loaded afterwards."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init" or func in (Tensor.uniform_, Tensor.normal_):
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
+def build_model(cfg: ModelConfig, random_init: bool = True) -> MaskRCNN:
     """Assemble Mask R-CNN from a model config.
+
+    ``random_init=False`` skips the layers' random initialisation (for R50-FPN, about 0.4 s on
+    two cores) for a model whose every weight is then loaded with a strict ``load_state_dict``.
 
     >>> from maskrcnn.config import small_cpu_model
     >>> model = build_model(small_cpu_model(num_classes=3))
     >>> model.roi_heads.box_predictor.cls_score.out_features
     4
     """
+    if not random_init:
+        with _SkipInit():
+            return build_model(cfg)
     b, r = cfg.backbone, cfg.rpn
     body = ResNet(depth=b.depth, groups=b.groups, width_per_group=b.width_per_group,
                   stride_in_1x1=b.stride_in_1x1, norm=b.norm, eps=b.norm_eps,

@@ -284,13 +284,8 @@ def _fold_pair(parent: nn.Module, conv_name: str, norm_name: str) -> int:
     if affine is None:
         return 0
     scale, shift = affine
-    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                      conv.padding, conv.dilation, conv.groups, bias=True).to(conv.weight)
-    fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
     bias = conv.bias if conv.bias is not None else torch.zeros_like(shift)
-    fused.bias.copy_(bias * scale + shift)
-    fused = fused.to(memory_format=torch.channels_last) if conv.weight.is_contiguous(
-        memory_format=torch.channels_last) else fused
-    setattr(parent, conv_name, fused)
+    conv.weight = nn.Parameter(conv.weight * scale.view(-1, 1, 1, 1))  # keeps its memory format
+    conv.bias = nn.Parameter(bias * scale + shift)
     setattr(parent, norm_name, nn.Identity())
     return 1
