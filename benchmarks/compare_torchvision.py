@@ -52,6 +52,7 @@ from maskrcnn.modeling.mask_rcnn import build_model  # noqa: E402
 from maskrcnn.modeling.transform import resize_scale  # noqa: E402
 from maskrcnn.ops import paste_masks, roi_align  # noqa: E402
 from maskrcnn.precision import bf16_autocast, cpu_has_bf16  # noqa: E402
+from maskrcnn.weights import save_weights  # noqa: E402
 
 BF16 = cpu_has_bf16()
 SECTIONS = ["roi_align", "paste", "train", "inference", "fresh"]
@@ -246,43 +247,51 @@ def paste_rows(repeats: int, device: torch.device = torch.device("cpu")) -> None
 def fresh_process(repeats: int, sizes: list[tuple[int, int]]) -> None:
     """For each size, the first inference of a freshly loaded model, each implementation in its
     own fresh process, alternating (median of up to 3): its time, which includes the one-off work
-    of a first call (our Winograd filters, oneDNN's kernels for new shapes), and its peak resident
-    memory (VmHWM, weights included). Both processes load the same state-dict file, as a user
-    loads weights, and import only their own library (importing torchvision alone adds about
-    170 MB; the library never does)."""
-    build = {"ours": "from maskrcnn.interop.torchvision import from_torchvision\n"
-                     "m = from_torchvision(state, verbose=False).optimize_for_inference()",
+    of a first call (our Winograd filters, oneDNN's kernels for new shapes), its peak resident
+    memory (VmHWM, weights included), and the whole script's time from its first line: importing
+    the library, loading the weights and the first inference, as a command that segments one
+    image takes. Each process loads the same weights as its users do: torchvision builds its
+    model and loads the state-dict file, ours loads that state dict converted to our weight file
+    (``maskrcnn.load``). Each imports only its own library (importing torchvision alone adds
+    about 170 MB; the library never does)."""
+    build = {"ours": "import maskrcnn\n"
+                     "m = maskrcnn.load({ours!r}, device='cpu').model",
              "tv": "from torchvision.models.detection import maskrcnn_resnet50_fpn\n"
                    "m = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)\n"
-                   "m.load_state_dict(state); m.eval()\n"
+                   "m.load_state_dict(torch.load({tv!r}, weights_only=True)); m.eval()\n"
                    f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
                    "from common import pin_pooler_scales; pin_pooler_scales(m)"}
     with tempfile.TemporaryDirectory() as tmp:
-        weights = str(Path(tmp) / "r50.pt")
-        torch.save(tv_r50().state_dict(), weights)
+        files = {"tv": str(Path(tmp) / "r50.pt"), "ours": str(Path(tmp) / "r50.safetensors")}
+        state = tv_r50().state_dict()
+        torch.save(state, files["tv"])
+        save_weights(files["ours"], from_torchvision(state, verbose=False))
         for h, w in sizes:
             results = {which: [] for which in build}
             for _ in range(min(repeats, 3)):
                 for which, make in build.items():
-                    code = ("import gc, time, torch\n"
+                    code = ("import time; start = time.perf_counter()\n"
+                            "import gc, torch\n"
                             f"torch.set_num_threads({torch.get_num_threads()})\n"
-                            f"state = torch.load({weights!r}, weights_only=True)\n"
-                            f"{make}\n"
-                            f"del state; gc.collect(); x = torch.rand(3, {h}, {w})\n"
+                            f"{make.format(**files)}\n"
+                            f"gc.collect(); x = torch.rand(3, {h}, {w})\n"
                             "kb = lambda key: [l for l in open('/proc/self/status') if l.startswith(key)][0].split()[1]\n"
                             # reset the high-water mark so it covers the inference (weights included)
                             "open('/proc/self/clear_refs', 'w').write('5'); before = kb('VmRSS')\n"
                             "t0 = time.perf_counter()\n"
                             "with torch.inference_mode(): m([x])\n"
-                            "print(time.perf_counter() - t0, kb('VmHWM'), before)")
+                            "end = time.perf_counter()\n"
+                            "print(end - t0, kb('VmHWM'), before, end - start)")
                     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-                    seconds, peak, before = out.stdout.split()[-3:]
-                    results[which].append((float(seconds), int(peak) / 1024, (int(peak) - int(before)) / 1024))
-            (a_s, a_peak, a_add), (b_s, b_peak, b_add) = ([statistics.median(v) for v in zip(*results[k])]
-                                                          for k in build)
+                    seconds, peak, before, whole = out.stdout.split()[-4:]
+                    results[which].append((float(seconds), int(peak) / 1024, (int(peak) - int(before)) / 1024,
+                                           float(whole)))
+            (a_s, a_peak, a_add, a_whole), (b_s, b_peak, b_add, b_whole) = (
+                [statistics.median(v) for v in zip(*results[k])] for k in build)
             row(f"first inference of a fresh process, {h}x{w} image", a_s, b_s)
             row("  peak memory (VmHWM) of that process", a_peak, b_peak, "MiB")
             row("  of which added by the inference (peak - RSS before it)", a_add, b_add, "MiB")
+            row("  whole script: import, load the weights, first inference", a_whole, b_whole)
 
 
 def cpu_name() -> str:
