@@ -29,7 +29,6 @@ import json
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import pycocotools.mask as mask_util
 import torch
 from pycocotools.coco import COCO
@@ -51,7 +50,9 @@ def encode_masks(masks: Tensor) -> list[dict]:
     """
     if len(masks) == 0:
         return []
-    array = np.asfortranarray(masks.cpu().numpy().astype(np.uint8).transpose(1, 2, 0))  # (H, W, N)
+    # pycocotools reads (H, W, N) uint8 in Fortran order, which is (N, W, H) in C order: one
+    # transposing copy, and bool's bytes read as uint8
+    array = masks.cpu().transpose(1, 2).contiguous().view(torch.uint8).numpy().transpose(2, 1, 0)
     rles = mask_util.encode(array)
     for rle in rles:
         rle["counts"] = rle["counts"].decode("ascii")
