@@ -253,7 +253,9 @@ def fresh_process(repeats: int, sizes: list[tuple[int, int]]) -> None:
     image takes. Each process loads the same weights as its users do: torchvision builds its
     model and loads the state-dict file, ours loads that state dict converted to our weight file
     (``maskrcnn.load``). Each imports only its own library (importing torchvision alone adds
-    about 170 MB; the library never does)."""
+    about 170 MB; the library never does). Before the inference each returns the memory that
+    loading freed to the system (glibc's ``malloc_trim``), so that the memory the inference adds
+    does not depend on how much of it the allocator happened to keep."""
     build = {"ours": "import maskrcnn\n"
                      "m = maskrcnn.load({ours!r}, device='cpu').model",
              "tv": "from torchvision.models.detection import maskrcnn_resnet50_fpn\n"
@@ -276,7 +278,10 @@ def fresh_process(repeats: int, sizes: list[tuple[int, int]]) -> None:
                             f"{make.format(**files)}\n"
                             f"gc.collect(); x = torch.rand(3, {h}, {w})\n"
                             "kb = lambda key: [l for l in open('/proc/self/status') if l.startswith(key)][0].split()[1]\n"
-                            # reset the high-water mark so it covers the inference (weights included)
+                            # memory freed by loading goes back to the system (glibc keeps it
+                            # otherwise, for the inference to reuse), then the high-water mark is
+                            # reset so that it covers the inference (weights included)
+                            "import ctypes; ctypes.CDLL('libc.so.6').malloc_trim(0)\n"
                             "open('/proc/self/clear_refs', 'w').write('5'); before = kb('VmRSS')\n"
                             "t0 = time.perf_counter()\n"
                             "with torch.inference_mode(): m([x])\n"
