@@ -146,9 +146,9 @@ def check_targets(targets: list[dict]) -> None:
 
 
 class _SkipInit(TorchFunctionMode):
-    """Layer initialisation does nothing: ``torch.nn.init``'s functions, and the random draws
-    that some of them make without passing through here, leave the tensors as allocated,
-    uninitialised, to be loaded afterwards."""
+    """While active, layer initialisation does nothing: ``torch.nn.init``'s functions, and the
+    ``Tensor.uniform_`` and ``normal_`` draws that some of them make directly, leave each tensor
+    as allocated, uninitialised, for a state dict to fill."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
