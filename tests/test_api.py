@@ -16,7 +16,7 @@ def test_predictor_runs_each_image_alone_on_the_cpu():
     predictor = Predictor(model, score_threshold=0.0, device="cpu")
     calls = []
     real = model.forward
-    model.forward = lambda images, *a: calls.append(len(images)) or real(images, *a)
+    model.forward = lambda images, *a, **k: calls.append(len(images)) or real(images, *a, **k)
     g = torch.Generator().manual_seed(0)
     images = [torch.rand(3, h, w, generator=g) for h, w in ((96, 128), (128, 96), (80, 80))]
     together = predictor.predict(images)
@@ -46,3 +46,24 @@ def test_load_draws_no_random_numbers_and_takes_every_weight_from_the_file(tmp_p
     got = predictor(image)
     assert len(got) == len(expected["scores"]) > 0
     assert torch.equal(got.boxes, expected["boxes"]) and torch.equal(got.masks, expected["masks"])
+
+
+def test_detections_below_the_threshold_get_no_mask_computed():
+    """The predictor's threshold applies before the mask head: it sees only the detections
+    kept, and they come out as the model's own outputs filtered afterwards."""
+    torch.manual_seed(0)
+    model = build_model(small_cpu_model(3)).eval()
+    image = torch.rand(3, 96, 128, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        everything = model([image])[0]
+    threshold = everything["scores"].median().item()
+    keep = everything["scores"] >= threshold
+    assert 0 < keep.sum() < len(keep)
+    seen = []
+    real = model.roi_heads.mask_head.forward
+    model.roi_heads.mask_head.forward = lambda x, labels: seen.append(len(x)) or real(x, labels)
+    got = Predictor(model, score_threshold=threshold, device="cpu")(image)
+    assert seen == [int(keep.sum())]
+    assert torch.equal(got.scores, everything["scores"][keep])
+    assert torch.equal(got.boxes, everything["boxes"][keep])
+    assert torch.equal(got.masks, everything["masks"][keep])

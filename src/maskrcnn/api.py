@@ -75,20 +75,20 @@ class Predictor:
         1.42x with one of them 640x480), and each image's result is then its own, whatever else
         was in the list. On a GPU the list runs as one batch."""
         tensors = [to_image_tensor(im).to(self.device) for im in images]
+        # detections below the threshold are dropped before their masks are computed
         with torch.inference_mode():
             if self.device.type == "cpu":
-                outputs = [self.model([t])[0] for t in tensors]
+                outputs = [self.model([t], min_score=self.score_threshold)[0] for t in tensors]
             else:
-                outputs = self.model(tensors)
+                outputs = self.model(tensors, min_score=self.score_threshold)
         results = []
         for out in outputs:
-            keep = out["scores"] >= self.score_threshold
-            labels = out["labels"][keep].cpu()
+            labels = out["labels"].cpu()
             results.append(Instances(
-                boxes=out["boxes"][keep].cpu(), labels=labels,
+                boxes=out["boxes"].cpu(), labels=labels,
                 category_ids=[self.category_ids[i - 1] for i in labels.tolist()],
                 class_names=[self.class_names[i - 1] for i in labels.tolist()],
-                scores=out["scores"][keep].cpu(), masks=out["masks"][keep].cpu()))
+                scores=out["scores"].cpu(), masks=out["masks"].cpu()))
         return results
 
 

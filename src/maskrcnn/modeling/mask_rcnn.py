@@ -100,12 +100,16 @@ class MaskRCNN(nn.Module):
         self.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         return self
 
-    def forward(self, images: list[Tensor], targets: list[dict] | None = None):
+    def forward(self, images: list[Tensor], targets: list[dict] | None = None, *,
+                min_score: float = 0.0):
         """images: list of (3, H_i, W_i) RGB, uint8 or float in [0, 1]; in eval mode an empty
         list gives an empty list.
 
         targets (train mode): per image ``boxes`` (G, 4) xyxy in image pixels, ``labels`` (G,)
         in 1..K and ``masks``: a compact mask structure or a (G, H, W) tensor.
+
+        min_score (eval mode): detections scoring below it are dropped before the mask head
+        and pasting, which then work only for those kept; the others are as without it.
         """
         if self.training:
             if targets is None:
@@ -126,7 +130,7 @@ class MaskRCNN(nn.Module):
             if self.training:
                 losses.update(self.roi_heads.forward_train(roi_features, proposals, targets, mask_scales))
                 return losses
-            results = self.roi_heads.forward_test(roi_features, proposals, batch.image_sizes)
+            results = self.roi_heads.forward_test(roi_features, proposals, batch.image_sizes, min_score)
         cfg = self.config.roi_heads
         return postprocess(results, batch.image_sizes, [tuple(im.shape[-2:]) for im in images],
                            paste=cfg.paste, threshold=cfg.mask_threshold)

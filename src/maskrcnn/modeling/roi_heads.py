@@ -100,9 +100,11 @@ class RoIHeads(nn.Module):
         return losses
 
     def forward_test(self, features: list[Tensor], proposals: list[Tensor],
-                     image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+                     image_sizes: list[tuple[int, int]], min_score: float = 0.0
+                     ) -> list[dict[str, Tensor]]:
         """Detections per image in input pixels: boxes (D, 4), scores (D,), labels (D,) and
-        mask probabilities (D, m, m) of the predicted class."""
+        mask probabilities (D, m, m) of the predicted class; those scoring below ``min_score``
+        are dropped before the mask head."""
         x = self.box_head(self._box_features(features, proposals))
         class_logits, deltas = self.box_predictor(x)
         results = []
@@ -111,7 +113,8 @@ class RoIHeads(nn.Module):
             boxes, scores, labels = detect(
                 logits, d, p, hw, weights=self.weights, score_thresh=self.score_thresh,
                 nms_thresh=self.nms_thresh, topk=self.detections_per_img, min_size=self.min_box_size)
-            results.append({"boxes": boxes, "scores": scores, "labels": labels})
+            keep = scores >= min_score
+            results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
         boxes = [r["boxes"] for r in results]
         labels = torch.cat([r["labels"] for r in results])
         probs = self.mask_head(self._mask_features(features, boxes), labels).sigmoid()
