@@ -142,6 +142,17 @@ def test_encode_masks_round_trips():
     assert np.array_equal(decoded.transpose(2, 0, 1), masks.numpy())
 
 
+def test_encode_masks_equals_pycocotools_on_whole_masks():
+    """Empty and full masks, single corner pixels, one full column and one full row, in that
+    order, encoded one after another (each is written into and cleared from one buffer)."""
+    masks = torch.zeros(6, 10, 12, dtype=torch.bool)
+    masks[1] = True
+    masks[2, 0, 0] = masks[3, 9, 11] = True
+    masks[4, :, 5] = masks[5, 4, :] = True
+    whole = mask_util.encode(np.asfortranarray(masks.numpy().astype(np.uint8).transpose(1, 2, 0)))
+    assert encode_masks(masks) == [{**r, "counts": r["counts"].decode()} for r in whole]
+
+
 class GroundTruthModel(torch.nn.Module):
     """Stands in for Mask R-CNN: returns the perfect outputs image by image, in order."""
 

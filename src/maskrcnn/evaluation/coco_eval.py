@@ -29,6 +29,7 @@ import json
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import pycocotools.mask as mask_util
 import torch
 from pycocotools.coco import COCO
@@ -44,18 +45,29 @@ IOU_TYPES = ("bbox", "segm")
 def encode_masks(masks: Tensor) -> list[dict]:
     """(N, H, W) bool -> N compressed RLEs with ``counts`` as str (JSON-ready).
 
+    pycocotools reads an (H, W) uint8 mask in Fortran order. Each mask is copied into one such
+    buffer over the rows and columns it covers only, and cleared there after encoding: no
+    transposed copy of all N images, whose pages a pasted mask mostly leaves unwritten.
+
     >>> m = torch.zeros(1, 4, 5, dtype=torch.bool); m[0, 1:3, 2:4] = True
     >>> encode_masks(m)[0]["size"]
     [4, 5]
     """
-    if len(masks) == 0:
-        return []
-    # pycocotools reads (H, W, N) uint8 in Fortran order, which is (N, W, H) in C order: one
-    # transposing copy, and bool's bytes read as uint8
-    array = masks.cpu().transpose(1, 2).contiguous().view(torch.uint8).numpy().transpose(2, 1, 0)
-    rles = mask_util.encode(array)
-    for rle in rles:
+    n, h, w = masks.shape
+    buffer = np.zeros((h, w, 1), dtype=np.uint8, order="F")
+    rles = []
+    for mask in masks.cpu().view(torch.uint8):  # as bytes, whose maxima are faster than any()
+        rows = mask.amax(1).nonzero()
+        if len(rows):
+            y0, y1 = rows[0, 0].item(), rows[-1, 0].item() + 1
+            cols = mask[y0:y1].amax(0).nonzero()
+            x0, x1 = cols[0, 0].item(), cols[-1, 0].item() + 1
+            buffer[y0:y1, x0:x1, 0] = mask[y0:y1, x0:x1].numpy()
+        rle = mask_util.encode(buffer)[0]
         rle["counts"] = rle["counts"].decode("ascii")
+        rles.append(rle)
+        if len(rows):
+            buffer[y0:y1, x0:x1] = 0
     return rles
 
 
