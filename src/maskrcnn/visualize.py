@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from maskrcnn.structures.instances import Instances
+from maskrcnn.structures.masks import mask_extent
 
 
 def instance_colours(n: int) -> list[tuple[int, int, int]]:
@@ -34,13 +35,13 @@ def overlay(image, instances: Instances, alpha: float = 0.5) -> Image.Image:
         array = (np.clip(array, 0, 1) * 255).astype(np.uint8)
     canvas = array.astype(np.float32)
     colours = instance_colours(len(instances))
-    masks = instances.masks.cpu().numpy()
     # each mask is blended within the rows and columns it covers, not over the whole image
-    for mask, colour, rows, cols in zip(masks, colours, masks.any(2), masks.any(1)):
-        if rows.any():
-            (y0, y1), (x0, x1) = _extent(rows), _extent(cols)
-            region, inside = canvas[y0:y1, x0:x1], mask[y0:y1, x0:x1]
-            region[inside] = (1 - alpha) * region[inside] + alpha * np.array(colour, np.float32)
+    for mask, colour in zip(instances.masks.cpu(), colours):
+        extent = mask_extent(mask)
+        if extent is not None:
+            y0, y1, x0, x1 = extent
+            region, inside = canvas[y0:y1, x0:x1], mask[y0:y1, x0:x1, None].numpy()
+            np.copyto(region, (1 - alpha) * region + alpha * np.array(colour, np.float32), where=inside)
     picture = Image.fromarray(canvas.astype(np.uint8))
     draw = ImageDraw.Draw(picture)
     for box, name, score, colour in zip(instances.boxes.tolist(), instances.class_names,
@@ -51,12 +52,6 @@ def overlay(image, instances: Instances, alpha: float = 0.5) -> Image.Image:
         draw.rectangle([x, y, x + 6 * len(label) + 2, y + 10], fill=colour)
         draw.text((x + 1, y - 1), label, fill=(0, 0, 0))
     return picture
-
-
-def _extent(flags: np.ndarray) -> tuple[int, int]:
-    """The first True index of a 1-D array and the index after its last True."""
-    where = np.flatnonzero(flags)
-    return int(where[0]), int(where[-1]) + 1
 
 
 def plot_training_curves(metrics_jsonl: str | Path, out_png: str | Path) -> Path:

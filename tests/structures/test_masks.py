@@ -6,7 +6,7 @@ import pycocotools.mask as mask_util
 import pytest
 import torch
 
-from maskrcnn.structures.masks import BitMasks, PolygonMasks, RLEMasks, roi_align_binary
+from maskrcnn.structures.masks import BitMasks, PolygonMasks, RLEMasks, mask_extent, roi_align_binary
 
 
 def rect(x0, y0, x1, y1):
@@ -292,3 +292,18 @@ def test_masks_stay_compact_and_cropping_never_decodes_all_instances():
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         assert peak < budget < n * h * w, (type(masks).__name__, peak)
+
+
+def test_mask_extent_matches_the_set_pixels():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        mask = torch.zeros(13, 17, dtype=torch.bool)
+        y0, x0 = torch.randint(0, 13, (1,), generator=g).item(), torch.randint(0, 17, (1,), generator=g).item()
+        mask[y0:, x0:] = torch.rand(13 - y0, 17 - x0, generator=g) > 0.7
+        ys, xs = mask.nonzero(as_tuple=True)
+        expected = (ys.min().item(), ys.max().item() + 1, xs.min().item(), xs.max().item() + 1) if len(ys) else None
+        assert mask_extent(mask) == expected
+    assert mask_extent(torch.zeros(4, 5, dtype=torch.bool)) is None
+    assert mask_extent(torch.ones(4, 5, dtype=torch.bool)) == (0, 4, 0, 5)
+    assert mask_extent(torch.zeros(0, 5, dtype=torch.bool)) is None
+    assert mask_extent(torch.ones(9, 9, dtype=torch.bool)[2:7:2, 1:4]) == (0, 3, 0, 3)  # a strided view

@@ -37,6 +37,7 @@ from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 
 from maskrcnn.data.coco import box_polygon
+from maskrcnn.structures.masks import mask_extent
 
 STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 IOU_TYPES = ("bbox", "segm")
@@ -56,17 +57,15 @@ def encode_masks(masks: Tensor) -> list[dict]:
     n, h, w = masks.shape
     buffer = np.zeros((h, w, 1), dtype=np.uint8, order="F")
     rles = []
-    for mask in masks.cpu().view(torch.uint8):  # as bytes, whose maxima are faster than any()
-        rows = mask.amax(1).nonzero()
-        if len(rows):
-            y0, y1 = rows[0, 0].item(), rows[-1, 0].item() + 1
-            cols = mask[y0:y1].amax(0).nonzero()
-            x0, x1 = cols[0, 0].item(), cols[-1, 0].item() + 1
+    for mask in masks.cpu():
+        extent = mask_extent(mask)
+        if extent is not None:
+            y0, y1, x0, x1 = extent
             buffer[y0:y1, x0:x1, 0] = mask[y0:y1, x0:x1].numpy()
         rle = mask_util.encode(buffer)[0]
         rle["counts"] = rle["counts"].decode("ascii")
         rles.append(rle)
-        if len(rows):
+        if extent is not None:
             buffer[y0:y1, x0:x1] = 0
     return rles
 
