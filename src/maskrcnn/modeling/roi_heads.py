@@ -113,8 +113,10 @@ class RoIHeads(nn.Module):
             boxes, scores, labels = detect(
                 logits, d, p, hw, weights=self.weights, score_thresh=self.score_thresh,
                 nms_thresh=self.nms_thresh, topk=self.detections_per_img, min_size=self.min_box_size)
-            keep = scores >= min_score
-            results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+            if min_score > 0:
+                keep = scores >= min_score
+                boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            results.append({"boxes": boxes, "scores": scores, "labels": labels})
         boxes = [r["boxes"] for r in results]
         labels = torch.cat([r["labels"] for r in results])
         probs = self.mask_head(self._mask_features(features, boxes), labels).sigmoid()
