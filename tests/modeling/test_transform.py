@@ -2,9 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from maskrcnn.config import small_cpu_model
+from maskrcnn.config import paper_model, small_cpu_model, torchvision_model
 from maskrcnn.modeling.mask_rcnn import build_model
-from maskrcnn.modeling.transform import resize, resize_scale
+from maskrcnn.modeling.transform import normalize, resize, resize_scale
 
 
 @pytest.mark.parametrize("hw", [(480, 640), (300, 1333), (333, 500), (17, 23)])
@@ -40,3 +40,20 @@ def test_an_empty_image_is_refused_clearly(shape):
     model = build_model(small_cpu_model(3)).eval()
     with pytest.raises(ValueError, match=r"image 1 of the batch: the image is empty"):
         model([torch.rand(3, 5, 5), torch.rand(shape)])
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.float64])
+@pytest.mark.parametrize("preset", [torchvision_model, paper_model])
+def test_normalize_is_the_conventions_formula_and_leaves_its_input_alone(dtype, preset):
+    """torchvision: RGB in [0, 1], minus its mean, over its std; the paper: BGR in 0-255."""
+    cfg = preset().input
+    g = torch.Generator().manual_seed(0)
+    image = (torch.rand(3, 9, 11, generator=g) * 255).to(dtype) if dtype == torch.uint8 else \
+        torch.rand(3, 9, 11, generator=g, dtype=dtype)
+    before = image.clone()
+    x = image.float() / 255 if dtype == torch.uint8 else image.float()
+    if cfg.channel_order == "BGR":
+        x = x.flip(0)
+    mean, std = (torch.tensor(v)[:, None, None] for v in (cfg.pixel_mean, cfg.pixel_std))
+    assert torch.equal(normalize(image, cfg), (x * cfg.pixel_scale - mean) / std)
+    assert torch.equal(image, before)
