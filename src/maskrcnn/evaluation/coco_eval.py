@@ -54,8 +54,9 @@ def encode_masks(masks: Tensor) -> list[dict]:
     >>> encode_masks(m)[0]["size"]
     [4, 5]
     """
-    n, h, w = masks.shape
-    buffer = np.zeros((h, w, 1), dtype=np.uint8, order="F")
+    if len(masks) == 0:
+        return []
+    buffer = np.zeros((*masks.shape[1:], 1), dtype=np.uint8, order="F")
     rles = []
     for mask in masks.cpu():
         extent = mask_extent(mask)
