@@ -109,7 +109,7 @@ class MaskRCNN(nn.Module):
         in 1..K and ``masks``: a compact mask structure or a (G, H, W) tensor.
 
         min_score (eval mode): detections scoring below it are dropped before the mask head
-        and pasting, which then work only for those kept; the others are as without it.
+        and pasting, so only those kept get masks; they are the same as without it.
         """
         if self.training:
             if targets is None:
