@@ -100,8 +100,12 @@ def from_torchvision(source: str | Path | dict, num_classes: int | None = None,
     if "roi_heads.box_predictor.cls_score.weight" not in tv:
         raise ValueError("not a torchvision Mask R-CNN state dict: no "
                          "'roi_heads.box_predictor.cls_score.weight' key")
-    model = build_model(torchvision_config(tv, num_classes, norm_eps))
-    report = load_matching(model, convert_state_dict(tv))
+    cfg, state = torchvision_config(tv, num_classes, norm_eps), convert_state_dict(tv)
+    model = build_model(cfg, random_init=False)
+    report = load_matching(model, state)
+    if report.missing or report.mismatched:  # those layers keep their random initialisation
+        model = build_model(cfg)
+        report = load_matching(model, state)
     model.load_report = report
     if verbose and (report.missing or report.unexpected or report.mismatched):
         print(report)
