@@ -153,6 +153,18 @@ def test_encode_masks_equals_pycocotools_on_whole_masks():
     assert encode_masks(masks) == [{**r, "counts": r["counts"].decode()} for r in whole]
 
 
+def test_encode_masks_equals_pycocotools_on_random_masks():
+    """Speckled rectangles anywhere in the image, touching its edges or not."""
+    g = torch.Generator().manual_seed(0)
+    masks = torch.zeros(40, 17, 23, dtype=torch.bool)
+    for mask in masks:
+        y0, x0 = torch.randint(0, 17, (1,), generator=g).item(), torch.randint(0, 23, (1,), generator=g).item()
+        y1, x1 = torch.randint(y0, 18, (1,), generator=g).item(), torch.randint(x0, 24, (1,), generator=g).item()
+        mask[y0:y1, x0:x1] = torch.rand(y1 - y0, x1 - x0, generator=g) > 0.3
+    whole = mask_util.encode(np.asfortranarray(masks.numpy().astype(np.uint8).transpose(1, 2, 0)))
+    assert encode_masks(masks) == [{**r, "counts": r["counts"].decode()} for r in whole]
+
+
 class GroundTruthModel(torch.nn.Module):
     """Stands in for Mask R-CNN: returns the perfect outputs image by image, in order."""
 

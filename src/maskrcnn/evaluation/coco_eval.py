@@ -46,9 +46,11 @@ IOU_TYPES = ("bbox", "segm")
 def encode_masks(masks: Tensor) -> list[dict]:
     """(N, H, W) bool -> N compressed RLEs with ``counts`` as str (JSON-ready).
 
-    pycocotools reads an (H, W) uint8 mask in Fortran order. Each mask is copied into one such
-    buffer over the rows and columns it covers only, and cleared there after encoding: no
-    transposed copy of all N images, whose pages a pasted mask mostly leaves unwritten.
+    A COCO RLE counts alternating runs of 0s and 1s down the columns of the image, left to
+    right. Every run before the first column a mask covers, and after its last, is 0s, so only
+    those columns are read: they are copied into one Fortran-order buffer (over the rows the mask
+    covers; the other rows stay 0), the runs are found there, and pycocotools compresses them.
+    Reading all of an image for each mask cost 5 ms a mask at 4000x3000.
 
     >>> m = torch.zeros(1, 4, 5, dtype=torch.bool); m[0, 1:3, 2:4] = True
     >>> encode_masks(m)[0]["size"]
@@ -56,18 +58,27 @@ def encode_masks(masks: Tensor) -> list[dict]:
     """
     if len(masks) == 0:
         return []
-    buffer = np.zeros((*masks.shape[1:], 1), dtype=np.uint8, order="F")
+    h, w = masks.shape[1:]
+    buffer = np.zeros((h, w), dtype=np.uint8, order="F")
     rles = []
     for mask in masks.cpu():
         extent = mask_extent(mask)
-        if extent is not None:
+        if extent is None:
+            counts = [h * w]
+        else:
             y0, y1, x0, x1 = extent
-            buffer[y0:y1, x0:x1, 0] = mask[y0:y1, x0:x1].numpy()
-        rle = mask_util.encode(buffer)[0]
-        rle["counts"] = rle["counts"].decode("ascii")
-        rles.append(rle)
-        if extent is not None:
-            buffer[y0:y1, x0:x1] = 0
+            columns = buffer[:, x0:x1]
+            columns[y0:y1] = mask[y0:y1, x0:x1].numpy()
+            flat = columns.ravel(order="K")  # column after column, as the RLE runs
+            changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1  # the first pixel of each new run
+            # the runs start with 0s, none if the image's first pixel is set
+            starts = np.concatenate([[0] if flat[0] else [], changes, [len(flat)] if flat[-1] else []])
+            counts = np.diff(np.concatenate([[0], starts + x0 * h, [h * w]])).tolist()
+            if counts[-1] == 0:  # the image's last pixel is set
+                counts.pop()
+            columns[y0:y1] = 0
+        rle = mask_util.frPyObjects({"size": [h, w], "counts": counts}, h, w)
+        rles.append({"size": [h, w], "counts": rle["counts"].decode("ascii")})
     return rles
 
 
