@@ -4,6 +4,7 @@ import torch
 
 from maskrcnn.api import Predictor, load
 from maskrcnn.config import small_cpu_model
+from maskrcnn.evaluation.coco_eval import encode_masks
 from maskrcnn.modeling.mask_rcnn import build_model
 from maskrcnn.weights import save_weights
 
@@ -67,3 +68,19 @@ def test_detections_below_the_threshold_get_no_mask_computed():
     assert torch.equal(got.scores, everything["scores"][keep])
     assert torch.equal(got.boxes, everything["boxes"][keep])
     assert torch.equal(got.masks, everything["masks"][keep])
+
+
+def test_instances_name_the_regions_their_masks_were_pasted_into():
+    """Each mask is empty outside its region, indexing keeps the regions, and the COCO results,
+    which read only the regions, equal those of the whole masks."""
+    torch.manual_seed(0)
+    predictor = Predictor(build_model(small_cpu_model(3)), score_threshold=0.0, device="cpu")
+    inst = predictor(torch.rand(3, 96, 128, generator=torch.Generator().manual_seed(0)))
+    assert len(inst) > 2 and inst.mask_regions.shape == (len(inst), 4)
+    for mask, (x0, y0, x1, y1) in zip(inst.masks, inst.mask_regions.tolist()):
+        assert (x1 - x0) * (y1 - y0) < mask.numel()
+        outside = mask.clone()
+        outside[y0:y1, x0:x1] = False
+        assert not outside.any()
+    assert torch.equal(inst[[2, 0]].mask_regions, inst.mask_regions[[2, 0]])
+    assert inst.masks.any() and encode_masks(inst.masks, inst.mask_regions) == encode_masks(inst.masks)

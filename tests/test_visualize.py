@@ -28,3 +28,6 @@ def test_overlay_blends_each_mask_in_turn_where_it_is_set():
     away = ~np.any(np.asarray(overlay(image, inst, alpha=0.0)) != plain, -1)
     assert away.sum() > 1000 and (masks[0].numpy() & masks[1].numpy() & away).any()
     assert np.array_equal(got[away], expected.astype(np.uint8)[away])
+    # with the regions the masks were pasted into, the same picture
+    inst.mask_regions = torch.tensor([[10, 5, 30, 20], [20, 10, 60, 40], [0, 0, 0, 0]])
+    assert np.array_equal(np.asarray(overlay(image, inst)), got)

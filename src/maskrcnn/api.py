@@ -88,7 +88,7 @@ class Predictor:
                 boxes=out["boxes"].cpu(), labels=labels,
                 category_ids=[self.category_ids[i - 1] for i in labels.tolist()],
                 class_names=[self.class_names[i - 1] for i in labels.tolist()],
-                scores=out["scores"].cpu(), masks=out["masks"].cpu()))
+                scores=out["scores"].cpu(), masks=out["masks"].cpu(), mask_regions=out["mask_regions"]))
         return results
 
 

@@ -242,7 +242,8 @@ def _coco_results(inst, image_id: int, path: Path, category_ids: list[int]) -> l
     ``file_name`` and its ``class_name``."""
     from maskrcnn.evaluation.coco_eval import predictions_to_coco
 
-    output = {"boxes": inst.boxes, "labels": inst.labels, "scores": inst.scores, "masks": inst.masks}
+    output = {"boxes": inst.boxes, "labels": inst.labels, "scores": inst.scores, "masks": inst.masks,
+              "mask_regions": inst.mask_regions}
     records = predictions_to_coco([output], [image_id], category_ids)
     return [{"file_name": str(path), **record, "class_name": name}
             for record, name in zip(records, inst.class_names)]

@@ -35,13 +35,15 @@ def overlay(image, instances: Instances, alpha: float = 0.5) -> Image.Image:
         array = (np.clip(array, 0, 1) * 255).astype(np.uint8)
     canvas = array.astype(np.float32)
     colours = instance_colours(len(instances))
-    # each mask is blended within the rows and columns it covers, not over the whole image
-    for mask, colour in zip(instances.masks.cpu(), colours):
-        extent = mask_extent(mask)
+    # each mask is blended within the rows and columns it covers, not over the whole image,
+    # and those are looked for only within the region it was pasted into, if known
+    regions = [None] * len(instances) if instances.mask_regions is None else instances.mask_regions.tolist()
+    for mask, region, colour in zip(instances.masks.cpu(), regions, colours):
+        extent = mask_extent(mask, region)
         if extent is not None:
             y0, y1, x0, x1 = extent
-            region, inside = canvas[y0:y1, x0:x1], mask[y0:y1, x0:x1, None].numpy()
-            np.copyto(region, (1 - alpha) * region + alpha * np.array(colour, np.float32), where=inside)
+            pixels, inside = canvas[y0:y1, x0:x1], mask[y0:y1, x0:x1, None].numpy()
+            np.copyto(pixels, (1 - alpha) * pixels + alpha * np.array(colour, np.float32), where=inside)
     picture = Image.fromarray(canvas.astype(np.uint8))
     draw = ImageDraw.Draw(picture)
     for box, name, score, colour in zip(instances.boxes.tolist(), instances.class_names,

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 tv_roi_heads = pytest.importorskip("torchvision.models.detection.roi_heads")
 
 from maskrcnn.ops import paste_masks  # noqa: E402
+from maskrcnn.ops.paste import paste_regions  # noqa: E402
 
 
 def cases(seed, n=25, hw=(200, 300), dtype=torch.float32):
@@ -65,6 +66,28 @@ def test_detectron2_mode_matches_full_image_grid_sample():
         assert torch.equal(soft[i, ys, xs], expected[i, ys, xs])
         soft[i, ys, xs] = 0
     assert not soft.any()
+
+
+@pytest.mark.parametrize("mode", ["torchvision", "detectron2"])
+def test_pasted_masks_are_empty_outside_their_regions(mode):
+    """Soft pastes of all-ones maps, so every pixel a paste writes is positive: none lies
+    outside its region, and the region lies within the box enlarged by (m + 2) / m about its
+    centre and two pixels on each side, clipped to the image."""
+    masks, boxes = cases(5)
+    masks = torch.ones_like(masks)
+    boxes = boxes[[i for i in range(len(boxes)) if i != 4]]  # D2 divides by zero for a point
+    soft = paste_masks(masks[: len(boxes)], boxes, (200, 300), mode=mode, soft=True)
+    regions = paste_regions(boxes, 28, (200, 300), mode)
+    assert regions.shape == (len(boxes), 4) and regions.dtype == torch.int64
+    for mask, box, (x0, y0, x1, y1) in zip(soft, boxes.tolist(), regions.tolist()):
+        assert 0 <= x0 <= 300 and 0 <= x1 <= 300 and 0 <= y0 <= 200 and 0 <= y1 <= 200
+        grow = [(box[2] - box[0]) / 28 + 1, (box[3] - box[1]) / 28 + 1]
+        if x0 < x1 and y0 < y1:
+            assert x0 >= box[0] - grow[0] - 1 and x1 <= box[2] + grow[0] + 1
+            assert y0 >= box[1] - grow[1] - 1 and y1 <= box[3] + grow[1] + 1
+        outside = mask.clone()
+        outside[y0:y1, x0:x1] = 0
+        assert not outside.any()
 
 
 def test_wholly_outside_boxes_paste_nothing():

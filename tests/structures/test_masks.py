@@ -307,3 +307,14 @@ def test_mask_extent_matches_the_set_pixels():
     assert mask_extent(torch.ones(4, 5, dtype=torch.bool)) == (0, 4, 0, 5)
     assert mask_extent(torch.zeros(0, 5, dtype=torch.bool)) is None
     assert mask_extent(torch.ones(9, 9, dtype=torch.bool)[2:7:2, 1:4]) == (0, 3, 0, 3)  # a strided view
+
+
+def test_mask_extent_reads_only_the_region_given():
+    mask = torch.zeros(13, 17, dtype=torch.bool)
+    mask[4:9, 6:8] = True
+    assert mask_extent(mask, (5, 3, 10, 12)) == mask_extent(mask) == (4, 9, 6, 8)
+    assert mask_extent(mask, (7, 5, 17, 13)) == (5, 9, 7, 8)  # the region cuts the mask
+    mask[0, 0] = True  # a pixel outside the region is not seen: the caller knows there is none
+    assert mask_extent(mask, (5, 3, 10, 12)) == (4, 9, 6, 8)
+    assert mask_extent(mask, (0, 0, 0, 0)) is None
+    assert mask_extent(mask, (17, 3, 17, 12)) is None  # the empty region of a box right of the image

@@ -43,8 +43,10 @@ STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 IOU_TYPES = ("bbox", "segm")
 
 
-def encode_masks(masks: Tensor) -> list[dict]:
-    """(N, H, W) bool -> N compressed RLEs with ``counts`` as str (JSON-ready).
+def encode_masks(masks: Tensor, regions: Tensor | None = None) -> list[dict]:
+    """(N, H, W) bool -> N compressed RLEs with ``counts`` as str (JSON-ready). ``regions``
+    (N, 4) (x0, y0, x1, y1): where given, the part of the image outside which each mask is
+    empty, the only part read (``Instances.mask_regions``).
 
     A COCO RLE counts alternating runs of 0s and 1s down the columns of the image, left to
     right. Every run before the first column a mask covers, and after its last, is 0s, so only
@@ -61,8 +63,8 @@ def encode_masks(masks: Tensor) -> list[dict]:
     h, w = masks.shape[1:]
     buffer = np.zeros((h, w), dtype=np.uint8, order="F")
     rles = []
-    for mask in masks.cpu():
-        extent = mask_extent(mask)
+    for mask, region in zip(masks.cpu(), [None] * len(masks) if regions is None else regions.tolist()):
+        extent = mask_extent(mask, region)
         if extent is None:
             counts = [h * w]
         else:
@@ -93,8 +95,9 @@ def predictions_to_coco(outputs: Sequence[dict], image_ids: Sequence[int],
     ``score`` and ``segmentation`` (compressed RLE).
 
     ``outputs[i]`` (one per image): ``boxes`` (N, 4) xyxy, ``labels`` (N,) in 1..K, ``scores``
-    (N,), ``masks`` (N, H, W) bool. ``label_to_category`` is the data set's mapping (e.g.
-    ``dataset.label_to_category``) or its list of category ids indexed by ``label - 1``.
+    (N,), ``masks`` (N, H, W) bool and, optionally, ``mask_regions`` (``encode_masks``).
+    ``label_to_category`` is the data set's mapping (e.g. ``dataset.label_to_category``) or its
+    list of category ids indexed by ``label - 1``.
 
     >>> out = {"boxes": torch.tensor([[1.0, 2, 4, 6]]), "labels": torch.tensor([2]),
     ...        "scores": torch.tensor([0.9]), "masks": torch.ones(1, 8, 8, dtype=torch.bool)}
@@ -114,7 +117,7 @@ def predictions_to_coco(outputs: Sequence[dict], image_ids: Sequence[int],
     for out, image_id in zip(outputs, image_ids):
         boxes = out["boxes"].detach().cpu()
         xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
-        rles = encode_masks(out["masks"]) if "masks" in out else [None] * len(xywh)
+        rles = encode_masks(out["masks"], out.get("mask_regions")) if "masks" in out else [None] * len(xywh)
         for box, label, score, rle in zip(xywh, out["labels"].tolist(), out["scores"].tolist(), rles):
             result = {"image_id": int(image_id), "category_id": int(to_category(int(label))),
                       "bbox": box, "score": float(score)}

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from maskrcnn.config import InputConfig
-from maskrcnn.ops import paste_masks
+from maskrcnn.ops import paste_masks, paste_regions
 from maskrcnn.structures.image_list import ImageList
 
 
@@ -118,11 +118,15 @@ def postprocess(results: list[dict[str, Tensor]], image_sizes: list[tuple[int, i
                 ) -> list[dict[str, Tensor]]:
     """Boxes back to the caller's pixels and masks pasted into the caller's image.
 
-    Per image: boxes (D, 4), labels (D,), scores (D,), masks (D, H, W) bool.
+    Per image: boxes (D, 4), labels (D,), scores (D,), masks (D, H, W) bool, and
+    mask_regions (D, 4) int64 on the CPU: the part of the image each mask was pasted into
+    (``paste_regions``), outside which it has no pixel set.
     """
     outputs = []
     for r, hw, orig in zip(results, image_sizes, original_sizes):
         boxes = r["boxes"] * box_ratios(orig, hw).to(r["boxes"].device)
-        masks = paste_masks(r["mask_probs"], boxes, orig, mode=paste, threshold=threshold)
-        outputs.append({"boxes": boxes, "labels": r["labels"], "scores": r["scores"], "masks": masks})
+        probs = r["mask_probs"]
+        outputs.append({"boxes": boxes, "labels": r["labels"], "scores": r["scores"],
+                        "masks": paste_masks(probs, boxes, orig, mode=paste, threshold=threshold),
+                        "mask_regions": paste_regions(boxes, probs.shape[-1], orig, mode=paste)})
     return outputs

@@ -50,28 +50,39 @@ def _torchvision_boxes(boxes: Tensor, m: int) -> list[list[int]]:
     return expanded.to(torch.int64).tolist()
 
 
-def _torchvision_crop(padded: Tensor, box: list[int], hw: tuple[int, int]):
-    """The visible part of one padded (m + 2, m + 2) map resized to its integer box plus one
-    pixel, and its (y0, x0) in the image; None when nothing is visible."""
+def paste_regions(boxes: Tensor, mask_size: int, image_hw: tuple[int, int],
+                  mode: str = "torchvision") -> Tensor:
+    """The part of the image that ``paste_masks`` writes for each of the (N, 4) boxes: (N, 4)
+    int64 (x0, y0, x1, y1) on the CPU, ends exclusive, within the image; empty (x0 >= x1 or
+    y0 >= y1) where none of it is visible. A pasted mask has no pixel set outside it.
+
+    >>> paste_regions(torch.tensor([[2., 2., 6., 5.]]), 28, (8, 8), mode="detectron2").tolist()
+    [[1, 1, 7, 6]]
+    """
+    h, w = image_hw
+    if mode == "torchvision":  # the enlarged integer box plus one pixel
+        regions = [(x0, y0, x1 + 1, y1 + 1) for x0, y0, x1, y1 in _torchvision_boxes(boxes, mask_size)]
+    else:  # one pixel beyond the box on each side, as Detectron2's CPU paste
+        regions = [(math.floor(x0) - 1, math.floor(y0) - 1, math.ceil(x1) + 1, math.ceil(y1) + 1)
+                   for x0, y0, x1, y1 in boxes.tolist()]
+    clipped = torch.tensor(regions, dtype=torch.int64).view(-1, 4)
+    return torch.minimum(clipped.clamp(min=0), torch.tensor([w, h, w, h]))
+
+
+def _torchvision_crop(padded: Tensor, box: list[int], region: list[int]) -> Tensor:
+    """One padded (m + 2, m + 2) map resized to its integer box plus one pixel, over its
+    visible ``region``."""
     x0, y0, x1, y1 = box
-    ix0, iy0, ix1, iy1 = max(x0, 0), max(y0, 0), min(x1 + 1, hw[1]), min(y1 + 1, hw[0])
-    if ix0 >= ix1 or iy0 >= iy1:
-        return None
+    ix0, iy0, ix1, iy1 = region
     size = (max(y1 - y0 + 1, 1), max(x1 - x0 + 1, 1))
     resized = F.interpolate(padded[None, None], size=size, mode="bilinear", align_corners=False)
-    return resized[0, 0][iy0 - y0: iy1 - y0, ix0 - x0: ix1 - x0], iy0, ix0
+    return resized[0, 0][iy0 - y0: iy1 - y0, ix0 - x0: ix1 - x0]
 
 
-def _detectron2_crop(mask: Tensor, box: Tensor, bounds: list[float], hw: tuple[int, int]):
-    """One (m, m) map sampled at the pixel centres of its box's neighbourhood, and its (y0, x0).
-
-    The neighbourhood reaches one pixel beyond the box on each side, as Detectron2's CPU paste
-    does; no pixel further out can reach 0.5."""
-    x1, y1, x2, y2 = bounds
-    ix0, iy0 = max(math.floor(x1) - 1, 0), max(math.floor(y1) - 1, 0)
-    ix1, iy1 = min(math.ceil(x2) + 1, hw[1]), min(math.ceil(y2) + 1, hw[0])
-    if ix0 >= ix1 or iy0 >= iy1:
-        return None
+def _detectron2_crop(mask: Tensor, box: Tensor, region: list[int]) -> Tensor:
+    """One (m, m) map sampled at the pixel centres of ``region``, with zeros outside the map;
+    no pixel outside the region can reach 0.5."""
+    ix0, iy0, ix1, iy1 = region
     # Detectron2's normalised coordinates: -1 and 1 are the box edges
     ys = torch.arange(iy0, iy1, device=mask.device, dtype=torch.float32) + 0.5
     xs = torch.arange(ix0, ix1, device=mask.device, dtype=torch.float32) + 0.5
@@ -80,7 +91,7 @@ def _detectron2_crop(mask: Tensor, box: Tensor, bounds: list[float], hw: tuple[i
     grid = torch.stack([xs[None, :].expand(len(ys), -1), ys[:, None].expand(-1, len(xs))], -1)
     mask = mask if mask.is_floating_point() else mask.float()
     crop = F.grid_sample(mask[None, None], grid[None].to(mask.dtype), align_corners=False)
-    return crop[0, 0], iy0, ix0
+    return crop[0, 0]
 
 
 def paste_masks(masks: Tensor, boxes: Tensor, image_hw: tuple[int, int], mode: str = "torchvision",
@@ -106,18 +117,18 @@ def paste_masks(masks: Tensor, boxes: Tensor, image_hw: tuple[int, int], mode: s
     out = _zeros((n, h, w), masks.dtype if soft else torch.bool, masks.device)
     if n == 0:
         return out
+    m = masks.shape[-1]
+    regions = paste_regions(boxes, m, image_hw, mode).tolist()
     if mode == "torchvision":
-        padded = F.pad(masks, (1, 1, 1, 1))
-        crops = (_torchvision_crop(p, b, image_hw)
-                 for p, b in zip(padded, _torchvision_boxes(boxes, masks.shape[-1])))
-    else:
-        crops = (_detectron2_crop(m, b, bounds, image_hw)
-                 for m, b, bounds in zip(masks, boxes, boxes.tolist()))
-    for i, crop in enumerate(crops):
-        if crop is None:
+        padded, int_boxes = F.pad(masks, (1, 1, 1, 1)), _torchvision_boxes(boxes, m)
+    for i, (x0, y0, x1, y1) in enumerate(regions):
+        if x0 >= x1 or y0 >= y1:
             continue
-        values, y0, x0 = crop
-        region = out[i, y0: y0 + values.shape[0], x0: x0 + values.shape[1]]
+        if mode == "torchvision":
+            values = _torchvision_crop(padded[i], int_boxes[i], regions[i])
+        else:
+            values = _detectron2_crop(masks[i], boxes[i], regions[i])
+        region = out[i, y0:y1, x0:x1]
         if soft:
             region.copy_(values)
         else:

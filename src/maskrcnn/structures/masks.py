@@ -27,9 +27,10 @@ from PIL import Image
 from torch import Tensor
 
 
-def mask_extent(mask: Tensor) -> tuple[int, int, int, int] | None:
+def mask_extent(mask: Tensor, region: Sequence[int] | None = None) -> tuple[int, int, int, int] | None:
     """The rows and columns an (H, W) bool mask covers, (y0, y1, x0, x1) with the ends
-    exclusive; None when it is empty.
+    exclusive; None when it is empty. With ``region`` (x0, y0, x1, y1), ints within the image
+    (``paste_regions``), outside which the mask is known to be empty, only that part is read.
 
     The mask is read as bytes, whose row maxima take a tenth of the time of ``any`` on bools
     (480x640: 10 against 176 us on 2 Zen 3 cores), and its columns only over the rows it covers.
@@ -38,6 +39,10 @@ def mask_extent(mask: Tensor) -> tuple[int, int, int, int] | None:
     >>> mask_extent(m)
     (1, 3, 2, 3)
     """
+    left = top = 0
+    if region is not None:
+        left, top, right, bottom = region
+        mask = mask[top:bottom, left:right]
     if mask.numel() == 0:
         return None
     as_bytes = mask.view(torch.uint8)
@@ -46,7 +51,7 @@ def mask_extent(mask: Tensor) -> tuple[int, int, int, int] | None:
         return None
     y0, y1 = rows[0, 0].item(), rows[-1, 0].item() + 1
     cols = as_bytes[y0:y1].amax(0).nonzero()
-    return y0, y1, cols[0, 0].item(), cols[-1, 0].item() + 1
+    return top + y0, top + y1, left + cols[0, 0].item(), left + cols[-1, 0].item() + 1
 
 
 def _positions(n: int, idx) -> list[int]:
