@@ -10,4 +10,5 @@ from maskrcnn.ops.roi_align import RoIAlign, roi_align
 from maskrcnn.ops.roi_pool import RoIPool, roi_pool
 
 __all__ = ["decode", "encode", "box_area", "box_iou", "clip_boxes", "remove_small_boxes",
-           "batched_nms", "nms", "paste_masks", "paste_regions", "RoIAlign", "roi_align", "RoIPool", "roi_pool"]
+           "batched_nms", "nms", "paste_masks", "paste_regions", "RoIAlign", "roi_align", "RoIPool",
+           "roi_pool"]

@@ -65,8 +65,8 @@ def paste_regions(boxes: Tensor, mask_size: int, image_hw: tuple[int, int],
     else:  # one pixel beyond the box on each side, as Detectron2's CPU paste
         regions = [(math.floor(x0) - 1, math.floor(y0) - 1, math.ceil(x1) + 1, math.ceil(y1) + 1)
                    for x0, y0, x1, y1 in boxes.tolist()]
-    clipped = torch.tensor(regions, dtype=torch.int64).view(-1, 4)
-    return torch.minimum(clipped.clamp(min=0), torch.tensor([w, h, w, h]))
+    regions = torch.tensor(regions, dtype=torch.int64).view(-1, 4)
+    return torch.minimum(regions.clamp(min=0), torch.tensor([w, h, w, h]))
 
 
 def _torchvision_crop(padded: Tensor, box: list[int], region: list[int]) -> Tensor:
