@@ -68,6 +68,7 @@ def test_predict_writes_overlays_results_and_masks(shapes, weights, tmp_path):
 
 
 def test_predict_names_outputs_of_inputs_with_one_stem_apart_and_records_coco_results(shapes, weights, tmp_path):
+    import numpy as np
     import pycocotools.mask as mask_util
     from PIL import Image
 
@@ -95,6 +96,12 @@ def test_predict_names_outputs_of_inputs_with_one_stem_apart_and_records_coco_re
             assert r["segmentation"]["size"] == [height, width]
             assert mask_util.decode(r["segmentation"]).shape == (height, width)
             assert r["class_name"] == {1: "circle", 3: "triangle", 7: "rectangle"}[r["category_id"]]
+        # each instance's mask PNG holds its mask as 0 and 255, the same as its COCO result
+        saved = sorted(out.glob(f"x_{image_id + 1}_mask*.png"))
+        assert any(mask_util.area(r["segmentation"]) for r in mine)
+        for r, path in zip(mine, saved):
+            assert path.name.endswith(f"_{r['class_name']}.png")
+            assert np.array_equal(np.asarray(Image.open(path)), mask_util.decode(r["segmentation"]) * 255)
 
 
 def test_output_names_are_distinct_and_follow_the_input_order():
