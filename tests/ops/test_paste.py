@@ -81,10 +81,10 @@ def test_pasted_masks_are_empty_outside_their_regions(mode):
     assert regions.shape == (len(boxes), 4) and regions.dtype == torch.int64
     for mask, box, (x0, y0, x1, y1) in zip(soft, boxes.tolist(), regions.tolist()):
         assert 0 <= x0 <= 300 and 0 <= x1 <= 300 and 0 <= y0 <= 200 and 0 <= y1 <= 200
-        grow = [(box[2] - box[0]) / 28 + 1, (box[3] - box[1]) / 28 + 1]
+        grow_x, grow_y = (box[2] - box[0]) / 28 + 2, (box[3] - box[1]) / 28 + 2
         if x0 < x1 and y0 < y1:
-            assert x0 >= box[0] - grow[0] - 1 and x1 <= box[2] + grow[0] + 1
-            assert y0 >= box[1] - grow[1] - 1 and y1 <= box[3] + grow[1] + 1
+            assert box[0] - grow_x <= x0 and x1 <= box[2] + grow_x
+            assert box[1] - grow_y <= y0 and y1 <= box[3] + grow_y
         outside = mask.clone()
         outside[y0:y1, x0:x1] = 0
         assert not outside.any()
