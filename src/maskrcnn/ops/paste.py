@@ -50,6 +50,22 @@ def _torchvision_boxes(boxes: Tensor, m: int) -> list[list[int]]:
     return expanded.to(torch.int64).tolist()
 
 
+def _unclipped_regions(boxes: Tensor, m: int, mode: str) -> list[tuple[int, int, int, int]]:
+    """(x0, y0, x1, y1) per box, ends exclusive, before clipping to the image: for
+    ``"torchvision"`` the enlarged integer box plus one pixel, for ``"detectron2"`` one pixel
+    beyond the box on each side, as Detectron2's CPU paste."""
+    if mode == "torchvision":
+        return [(x0, y0, x1 + 1, y1 + 1) for x0, y0, x1, y1 in _torchvision_boxes(boxes, m)]
+    return [(math.floor(x0) - 1, math.floor(y0) - 1, math.ceil(x1) + 1, math.ceil(y1) + 1)
+            for x0, y0, x1, y1 in boxes.tolist()]
+
+
+def _clip(regions: list[tuple[int, int, int, int]], image_hw: tuple[int, int]) -> Tensor:
+    h, w = image_hw
+    regions = torch.tensor(regions, dtype=torch.int64).view(-1, 4)
+    return torch.minimum(regions.clamp(min=0), torch.tensor([w, h, w, h]))
+
+
 def paste_regions(boxes: Tensor, mask_size: int, image_hw: tuple[int, int],
                   mode: str = "torchvision") -> Tensor:
     """The part of the image that ``paste_masks`` writes for each of the (N, 4) boxes: (N, 4)
@@ -59,22 +75,15 @@ def paste_regions(boxes: Tensor, mask_size: int, image_hw: tuple[int, int],
     >>> paste_regions(torch.tensor([[2., 2., 6., 5.]]), 28, (8, 8), mode="detectron2").tolist()
     [[1, 1, 7, 6]]
     """
-    h, w = image_hw
-    if mode == "torchvision":  # the enlarged integer box plus one pixel
-        regions = [(x0, y0, x1 + 1, y1 + 1) for x0, y0, x1, y1 in _torchvision_boxes(boxes, mask_size)]
-    else:  # one pixel beyond the box on each side, as Detectron2's CPU paste
-        regions = [(math.floor(x0) - 1, math.floor(y0) - 1, math.ceil(x1) + 1, math.ceil(y1) + 1)
-                   for x0, y0, x1, y1 in boxes.tolist()]
-    regions = torch.tensor(regions, dtype=torch.int64).view(-1, 4)
-    return torch.minimum(regions.clamp(min=0), torch.tensor([w, h, w, h]))
+    return _clip(_unclipped_regions(boxes, mask_size, mode), image_hw)
 
 
-def _torchvision_crop(padded: Tensor, box: list[int], region: list[int]) -> Tensor:
-    """One padded (m + 2, m + 2) map resized to its integer box plus one pixel, over its
-    visible ``region``."""
-    x0, y0, x1, y1 = box
+def _torchvision_crop(padded: Tensor, whole: tuple[int, ...], region: list[int]) -> Tensor:
+    """One padded (m + 2, m + 2) map resized to its ``whole`` region (its integer box plus one
+    pixel), over the visible ``region``."""
+    x0, y0, x1, y1 = whole
     ix0, iy0, ix1, iy1 = region
-    size = (max(y1 - y0 + 1, 1), max(x1 - x0 + 1, 1))
+    size = (max(y1 - y0, 1), max(x1 - x0, 1))
     resized = F.interpolate(padded[None, None], size=size, mode="bilinear", align_corners=False)
     return resized[0, 0][iy0 - y0: iy1 - y0, ix0 - x0: ix1 - x0]
 
@@ -117,15 +126,15 @@ def paste_masks(masks: Tensor, boxes: Tensor, image_hw: tuple[int, int], mode: s
     out = _zeros((n, h, w), masks.dtype if soft else torch.bool, masks.device)
     if n == 0:
         return out
-    m = masks.shape[-1]
-    regions = paste_regions(boxes, m, image_hw, mode).tolist()
+    whole = _unclipped_regions(boxes, masks.shape[-1], mode)
+    regions = _clip(whole, image_hw).tolist()
     if mode == "torchvision":
-        padded, int_boxes = F.pad(masks, (1, 1, 1, 1)), _torchvision_boxes(boxes, m)
+        padded = F.pad(masks, (1, 1, 1, 1))
     for i, (x0, y0, x1, y1) in enumerate(regions):
         if x0 >= x1 or y0 >= y1:
             continue
         if mode == "torchvision":
-            values = _torchvision_crop(padded[i], int_boxes[i], regions[i])
+            values = _torchvision_crop(padded[i], whole[i], regions[i])
         else:
             values = _detectron2_crop(masks[i], boxes[i], regions[i])
         region = out[i, y0:y1, x0:x1]
