@@ -365,3 +365,44 @@ def test_init_backbone_loads_imagenet_weights_from_a_pth_file(shapes, tmp_path):
     assert all(torch.equal(got[k], v) for k, v in imagenet.items() if k != "fc.weight")
     seed_everything(config.seed)  # what train() would have initialised without the file
     assert not torch.equal(build_model(config.model).backbone.body.conv1.weight, got["conv1.weight"])
+
+
+def test_cpu_training_kernels_give_the_plain_models_losses_and_gradients(monkeypatch):
+    """The kernels the trainer swaps in on the CPU, the RPN conv's gradients among them taken at
+    the pixels of the sampled anchors only: the same losses and gradients as the plain model's,
+    to float rounding."""
+    import copy
+
+    from maskrcnn.engine.trainer import cpu_training_kernels
+    from maskrcnn.modeling.mask_rcnn import build_model
+    from maskrcnn.ops import training_conv
+
+    torch.manual_seed(0)
+    plain = build_model(replace_nested(small_cpu_model(3), **{"input.min_size_train": (128,),
+                                                              "input.max_size": 160})).train()
+    fast = cpu_training_kernels(copy.deepcopy(plain))
+    plain.use_channels_last()  # the same forward: the layout alone moves oneDNN's rounding
+    assert fast.rpn.head.conv.sparse_grad
+    images = [torch.rand(3, 120, 160), torch.rand(3, 128, 150)]
+    targets = [{"boxes": torch.tensor([[10.0, 20.0, 70.0, 90.0], [60.0, 5.0, 150.0, 60.0]]),
+                "labels": torch.tensor([1, 2]), "masks": torch.zeros(2, *im.shape[1:], dtype=torch.uint8)}
+               for im in images]
+    for t in targets:
+        for mask, (x1, y1, x2, y2) in zip(t["masks"], t["boxes"].int().tolist()):
+            mask[y1:y2, x1:x2] = 1
+    calls = []
+    real = training_conv.grads_at_pixels
+    monkeypatch.setattr(training_conv, "grads_at_pixels", lambda *a: calls.append(1) or real(*a))
+    results = []
+    for model in (fast, plain):
+        torch.manual_seed(1)  # the same anchor and RoI samples
+        losses = model(images, targets)
+        sum(losses.values()).backward()
+        results.append((losses, {k: p.grad for k, p in model.named_parameters()}))
+    assert len(calls) == 5  # the RPN conv on each of the five levels
+    (fast_losses, fast_grads), (plain_losses, plain_grads) = results
+    torch.testing.assert_close(fast_losses, plain_losses, rtol=1e-5, atol=1e-6)
+    assert fast_grads.keys() == plain_grads.keys()
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-4 * grad.abs().max().item(),
+                                   msg=name)

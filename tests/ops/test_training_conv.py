@@ -1,7 +1,8 @@
 """The training convs: the same values and gradients as autograd's convolution, by Winograd on
 large maps with many channels, with the weight gradient by either way of the products (taken
-on maps with few pixels, and on every map where AVX2 is the widest), and a conv that still
-becomes Winograd's to predict."""
+on maps with few pixels, and on every map where AVX2 is the widest), both gradients from the
+pixels where the output's gradient is nonzero, and a conv that still becomes Winograd's to
+predict."""
 
 import pytest
 import torch
@@ -30,6 +31,27 @@ def test_weight_grad_3x3_is_the_convolutions_weight_gradient(shape, channels_las
     got = getattr(training_conv, way)(grad_out, x)
     assert got.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 3, 7), (1, 8, 1, 1), (3, 4, 6, 2), (2, 3, 1, 5), (2, 3, 5, 1)])
+@pytest.mark.parametrize("share", [0.0, 0.3, 1.0])
+def test_grads_at_pixels_are_the_convolutions_gradients(shape, share):
+    """Output gradients nonzero at none, some or all pixels, on maps down to one pixel wide or
+    high, whose neighbourhoods run over every edge."""
+    torch.manual_seed(0)
+    n, c_in, h, w = shape
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, c_in, 3, 3, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(n, 6, h, w, dtype=torch.float64) * (torch.rand(n, 1, h, w) < share)
+    expected = torch.autograd.grad(nn.functional.conv2d(x, weight, padding=1), (x, weight), grad_out)
+    grad_out = grad_out.contiguous(memory_format=torch.channels_last)
+    pixels = training_conv._nonzero_pixels(grad_out)
+    assert len(pixels) == int((grad_out != 0).any(1).sum())
+    got = training_conv.grads_at_pixels(grad_out, x.detach(), weight.detach(), pixels, True)
+    for a, b in zip(got, expected):
+        assert a.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert training_conv.grads_at_pixels(grad_out, x.detach(), weight.detach(), pixels, False)[0] is None
 
 
 def counting(monkeypatch, name="weight_grad_3x3"):
@@ -64,6 +86,30 @@ def test_training_takes_the_products_with_the_same_outputs_and_gradients(monkeyp
     assert bool(calls) == used
     assert torch.equal(y_fast, y_plain)
     for a, b in zip(g_fast, g_plain):  # float32 sums of up to 288 terms of about 1, in another order
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("share, used", [(0.1, True), (0.25, True), (0.5, False)])
+def test_a_sparse_grad_conv_takes_its_gradients_at_the_nonzero_pixels_when_few(monkeypatch, share, used):
+    """``sparse_grad``: gradients nonzero at 10% or 25% of the pixels take ``grads_at_pixels``,
+    at half of them the dense path; either way the plain conv's gradients."""
+    monkeypatch.setattr(training_conv, "AVX2_ONLY", False)
+    torch.manual_seed(0)
+    plain = nn.Conv2d(16, 8, 3, padding=1).to(memory_format=torch.channels_last)
+    fast = TrainingConv2d.from_conv(nn.Conv2d(16, 8, 3, padding=1))
+    fast.load_state_dict(plain.state_dict())
+    fast.sparse_grad = True
+    x = torch.randn(2, 16, 10, 12).to(memory_format=torch.channels_last)
+    grad_out = torch.zeros(2, 8, 10, 12)
+    grad_out.view(2, 8, -1)[:, :, :int(share * 120)] = torch.randn(2, 8, int(share * 120))
+    calls = counting(monkeypatch, "grads_at_pixels")
+    results = []
+    for conv in (fast, plain):
+        x_ = x.clone().requires_grad_()
+        conv(x_).backward(grad_out)
+        results.append((x_.grad, conv.weight.grad, conv.bias.grad))
+    assert bool(calls) == used
+    for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 

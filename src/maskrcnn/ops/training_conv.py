@@ -29,6 +29,12 @@ trainer computes it with ``torch.mm`` instead:
 
 On AVX-512 CPUs oneDNN was as fast or faster on larger maps (a 256-channel conv on 4 maps of
 16x22: 11.8 ms against 15.0 ms for the patches' product), so they keep its kernel.
+
+**Gradients that are zero at most pixels.** The RPN's losses see only the sampled anchors (256
+per image by default, of tens of thousands), so the gradient of its 3x3 conv's output is
+zero at every other pixel. Both of that conv's gradients are sums over the output's pixels, so
+the pixels where it is zero can be left out: ``grads_at_pixels`` computes them from the others
+alone, with the 3x3 neighbourhoods of those pixels as the rows of one product each.
 """
 
 from __future__ import annotations
@@ -97,19 +103,70 @@ def _by_shifts(grad_out: Tensor, x: Tensor) -> Tensor:
     return out.permute(0, 3, 1, 2)
 
 
+_SPARSE_SHARE = 4
+"""A conv marked ``sparse_grad`` takes ``grads_at_pixels`` when at most 1 in this many of its
+output's pixels has a nonzero gradient."""
+
+
+def _neighbourhoods(pixels: Tensor, hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """The 3x3 neighbourhood of each of ``pixels`` (n,), flat indices over a batch of (H, W)
+    maps: the neighbours' flat indices (n, 9), in (ky, kx) order and clamped into the pixel's
+    map, and whether each lies inside the map (n, 9)."""
+    h, w = hw
+    image, y, x = pixels // (h * w), pixels // w % h, pixels % w
+    offsets = torch.arange(-1, 2, device=pixels.device)
+    ys = (y[:, None] + offsets).repeat_interleave(3, 1)
+    xs = (x[:, None] + offsets).repeat(1, 3)
+    inside = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
+    return (image[:, None] * h + ys.clamp(0, h - 1)) * w + xs.clamp(0, w - 1), inside
+
+
+def grads_at_pixels(grad_out: Tensor, x: Tensor, weight: Tensor, pixels: Tensor, need_x: bool
+                    ) -> tuple[Tensor | None, Tensor]:
+    """The data gradient (None unless ``need_x``) and the weight gradient, both channels-last,
+    of a 3x3 convolution with stride 1 and padding 1 of ``x`` (N, C_in, H, W) by ``weight``
+    (C_out, C_in, 3, 3), whose output's gradient ``grad_out`` (N, C_out, H, W) is zero outside
+    ``pixels`` (n,), flat indices over (N, H, W): both sums over the output's pixels taken over
+    ``pixels`` alone."""
+    n, c_in, h, w = x.shape
+    c_out = weight.shape[0]
+    dy = grad_out.permute(0, 2, 3, 1).reshape(-1, c_out)[pixels]  # (n, C_out)
+    index, inside = _neighbourhoods(pixels, (h, w))
+    index, outside = index.view(-1), ~inside.view(-1, 1)
+    rows = x.permute(0, 2, 3, 1).reshape(-1, c_in)  # (N H W, C_in)
+    patches = rows[index].masked_fill_(outside, 0).view(len(pixels), 9 * c_in)  # ky, kx, i
+    grad_w = (dy.t() @ patches).view(c_out, 3, 3, c_in).permute(0, 3, 1, 2)
+    if not need_x:
+        return None, grad_w
+    # each neighbour's share of the pixel's gradient, added where it lies
+    shares = (dy @ weight.permute(0, 2, 3, 1).reshape(c_out, 9 * c_in)).view(-1, c_in)
+    grad_x = rows.new_zeros(rows.shape).index_add_(0, index, shares.masked_fill_(outside, 0))
+    return grad_x.view(n, h, w, c_in).permute(0, 3, 1, 2), grad_w
+
+
+def _nonzero_pixels(grad_out: Tensor) -> Tensor:
+    """Flat indices over (N, H, W) of the pixels where ``grad_out`` (N, C, H, W), channels-last,
+    is nonzero in some channel, (n,)."""
+    rows = grad_out.permute(0, 2, 3, 1).reshape(-1, grad_out.shape[1])
+    return rows.abs().amax(1).nonzero().view(-1)  # 7x faster than .ne(0).any(1) on 64 channels
+
+
 class _Conv3x3(torch.autograd.Function):
     """conv2d(x, weight, bias, padding=1), forward and data gradient by Winograd if
     ``winograd``, the weight gradient by ``weight_grad_3x3`` if ``products`` (otherwise
-    oneDNN's); under CPU autocast, computed in its dtype as autocast computes a convolution."""
+    oneDNN's), and both gradients by ``grads_at_pixels`` if ``sparse_grad`` and the output's
+    gradient is zero at most pixels; under CPU autocast, computed in its dtype as autocast
+    computes a convolution."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, winograd: bool,
-                products: bool) -> Tensor:
+                products: bool, sparse_grad: bool) -> Tensor:
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
         ctx.dtypes = (x.dtype, weight.dtype)
         x, weight = x.to(dtype), weight.to(dtype)
         ctx.save_for_backward(x, weight)
         ctx.has_bias, ctx.winograd, ctx.products = bias is not None, winograd, products
+        ctx.sparse_grad = sparse_grad
         bias = None if bias is None else bias.to(dtype)
         if winograd:
             return conv3x3(x, winograd_weights(weight), bias)
@@ -121,34 +178,48 @@ class _Conv3x3(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad_out = grad_out.to(x.dtype).contiguous(memory_format=torch.channels_last)
         need_x = ctx.needs_input_grad[0]
-        mask = [need_x and not ctx.winograd, not ctx.products, False]
-        onednn = (torch.ops.aten.convolution_backward(
-            grad_out, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask)
-            if any(mask) else (None, None))
-        grad_x = onednn[0]
-        if need_x and ctx.winograd:  # the conv of grad_out by the flipped, transposed filters
-            grad_x = conv3x3(grad_out, winograd_weights(weight.flip(2, 3).transpose(0, 1)))
-        grad_w = weight_grad_3x3(grad_out, x) if ctx.products else onednn[1]
+        pixels = _nonzero_pixels(grad_out) if ctx.sparse_grad else None
+        if pixels is not None and len(pixels) * _SPARSE_SHARE <= grad_out[:, 0].numel():
+            grad_x, grad_w = grads_at_pixels(grad_out, x, weight, pixels, need_x)
+        else:
+            grad_x, grad_w = _dense_grads(ctx, grad_out, x, weight, need_x)
         grad_b = grad_out.sum((0, 2, 3), dtype=torch.float32) if ctx.has_bias else None
         grad_x = None if grad_x is None else grad_x.to(ctx.dtypes[0])
         grad_b = None if grad_b is None else grad_b.to(ctx.dtypes[1])
-        return grad_x, grad_w.to(ctx.dtypes[1]), grad_b, None, None
+        return grad_x, grad_w.to(ctx.dtypes[1]), grad_b, None, None, None
+
+
+def _dense_grads(ctx, grad_out: Tensor, x: Tensor, weight: Tensor, need_x: bool
+                 ) -> tuple[Tensor | None, Tensor]:
+    """``_Conv3x3``'s data gradient (None unless ``need_x``) and weight gradient over every pixel."""
+    mask = [need_x and not ctx.winograd, not ctx.products, False]
+    onednn = (torch.ops.aten.convolution_backward(
+        grad_out, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask)
+        if any(mask) else (None, None))
+    grad_x = onednn[0]
+    if need_x and ctx.winograd:  # the conv of grad_out by the flipped, transposed filters
+        grad_x = conv3x3(grad_out, winograd_weights(weight.flip(2, 3).transpose(0, 1)))
+    return grad_x, weight_grad_3x3(grad_out, x) if ctx.products else onednn[1]
 
 
 class TrainingConv2d(SwappedConv2d):
     """A 3x3, stride-1, padding-1 ``nn.Conv2d`` that, when training on the CPU, runs forward and
     data gradient by Winograd where that pays (``_winograd_pays``) and takes the weight gradient
     from ``weight_grad_3x3`` on AVX2-only CPUs and on batches with no more pixels than input
-    channels; otherwise (and when predicting, and on GPUs) the plain conv. Same parameters and
-    state dict as the conv it replaces; the same sums, rounded as Winograd's or in another
-    order."""
+    channels; with ``sparse_grad`` set, both gradients come from ``grads_at_pixels`` when the
+    output's gradient is nonzero at no more than a quarter of its pixels. Otherwise (and when
+    predicting, and on GPUs) the plain conv. Same parameters and state dict as the conv it
+    replaces; the same sums, rounded as Winograd's or in another order."""
+
+    sparse_grad = False
+    """Whether the output's gradient is expected to be zero at most pixels (the RPN's conv)."""
 
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type == "cpu" and torch.is_grad_enabled() and self.weight.requires_grad:
             winograd = _winograd_pays(x, self.out_channels)
             products = AVX2_ONLY or _few_pixels(x.shape)
-            if winograd or products:
-                return _Conv3x3.apply(x, self.weight, self.bias, winograd, products)
+            if winograd or products or self.sparse_grad:
+                return _Conv3x3.apply(x, self.weight, self.bias, winograd, products, self.sparse_grad)
         return super().forward(x)
 
 
