@@ -32,6 +32,25 @@ def test_conv3x3_equals_the_direct_convolution(shape, chunk, monkeypatch):
         assert_winograd_close(got.double(), expected.relu() if relu else expected)
 
 
+@pytest.mark.parametrize("shape", [(1, 8, 16, 20), (3, 8, 14, 14), (2, 8, 9, 13), (1, 8, 1, 2),
+                                   (5, 8, 3, 6)])
+@pytest.mark.parametrize("chunk", [1, 3, 192])
+def test_weight_grad_is_the_convolutions_weight_gradient(shape, chunk, monkeypatch):
+    """The same sizes and chunks as the convolution, against autograd's float64 gradient, to
+    Winograd's rounding; 5 input and 6 output channels; channels-last, from either layout."""
+    monkeypatch.setattr(winograd, "_TILES_PER_CHUNK", chunk)
+    g = torch.Generator().manual_seed(0)
+    n, _, h, w = shape
+    x = torch.randn(n, 5, h, w, generator=g)
+    grad_out = torch.randn(n, 6, h, w, generator=g)
+    weight = torch.zeros(6, 5, 3, 3, dtype=torch.float64, requires_grad=True)
+    expected, = torch.autograd.grad(F.conv2d(x.double(), weight, padding=1), weight, grad_out.double())
+    for layout in (torch.contiguous_format, torch.channels_last):
+        got = winograd.weight_grad(x.contiguous(memory_format=layout), grad_out.contiguous(memory_format=layout))
+        assert got.shape == expected.shape and got.is_contiguous(memory_format=torch.channels_last)
+        assert_winograd_close(got.double(), expected)
+
+
 def test_conv3x3_reads_contiguous_input_too():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 7, 9, generator=g)

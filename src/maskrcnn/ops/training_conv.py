@@ -9,26 +9,33 @@ cores the forward took 0.51x-0.52x of oneDNN's time with 256 channels on 4 maps 
 maps of 32x44; on 4 maps of 16x22 (1408 pixels) it lost (1.77x). Rounding as at inference,
 about 1e-5 of the output's scale.
 
-**The weight gradient as matrix products.** It is a sum over every output pixel p of the batch:
+**The weight gradient without oneDNN's kernel.** It is a sum over every output pixel p of the
+batch:
 
     dW[o, i, ky, kx] = sum_p dY[p, o] * X[p + (ky - 1, kx - 1), i]
 
 oneDNN's CPU kernel for it runs well below the matrix-product rate in two cases, and there the
-trainer computes it with ``torch.mm`` instead:
+trainer computes it another way:
 
 - small maps with many channels (res5 of a ResNet on 256-pixel images: 4 maps of 8x11 with 512
   channels took 26-30 ms against 10-12 ms for the product on 2 Xeon cores). With the 3x3
   neighbourhoods laid out as rows (im2col: P rows of 9 C_in values) the gradient is one product,
   dY^T (C_out, P) @ patches (P, 9 C_in), whose patches are at most the weights' size while the
   batch has no more output pixels than input channels;
-- every map on CPUs whose widest vectors are AVX2 (no AVX-512), where nine products took
-  0.63x-0.94x of the kernel's time on 2 Zen 3 cores (64 to 256 channels). With x zero-padded
-  and both maps flattened over the padded (H + 2, W + 2) grid, shifting a pixel by
-  (ky - 1, kx - 1) is shifting its row by a constant, so each (ky, kx) is one product of dY^T by
-  a window of X's rows, with no im2col copy holding each input pixel nine times.
+- every map on CPUs whose widest vectors are AVX2 (no AVX-512). Float32 maps at least a tile
+  (4 pixels) high and wide take Winograd's transforms (``winograd.weight_grad``): 36
+  multiply-adds per 4x4 tile and channel pair instead of 144. On 2 Zen 3 cores that took
+  0.38x-0.61x of the time of the nine products below with 64 to 256 channels on maps of 14x14
+  to 64x88 (0.83x on 2 maps of 32x44 with 64 channels), rounded to about 1e-5 of the
+  gradient's scale. The nine products, for thinner maps and other dtypes, took 0.63x-0.94x of
+  oneDNN's time there: with x zero-padded and both maps flattened over the padded
+  (H + 2, W + 2) grid, shifting a pixel by (ky - 1, kx - 1) is shifting its row by a constant,
+  so each (ky, kx) is one product of dY^T by a window of X's rows, with no im2col copy holding
+  each input pixel nine times.
 
-On AVX-512 CPUs oneDNN was as fast or faster on larger maps (a 256-channel conv on 4 maps of
-16x22: 11.8 ms against 15.0 ms for the patches' product), so they keep its kernel.
+On AVX-512 CPUs oneDNN was as fast or faster than the products on larger maps (a 256-channel
+conv on 4 maps of 16x22: 11.8 ms against 15.0 ms for the patches' product), so they keep its
+kernel; Winograd's weight gradient has not been timed against it there.
 
 **Gradients that are zero at most pixels.** The RPN's losses see only the sampled anchors (256
 per image by default, of tens of thousands), so the gradient of its 3x3 conv's output is
@@ -44,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maskrcnn.ops.conv_swap import SwappedConv2d, is_3x3_same, swap_convs
+from maskrcnn.ops import winograd
 from maskrcnn.ops.winograd import conv3x3, winograd_weights
 
 AVX2_ONLY = torch.backends.cpu.get_cpu_capability() == "AVX2"
@@ -70,8 +78,13 @@ def weight_grad_3x3(grad_out: Tensor, x: Tensor) -> Tensor:
     """The weight gradient (C_out, C_in, 3, 3) of a 3x3 convolution with stride 1 and padding 1
     of ``x`` (N, C_in, H, W) whose output's gradient is ``grad_out`` (N, C_out, H, W); in
     channels-last memory, in the inputs' dtype. Batches with no more pixels than input channels
-    take the patches' product, the others the nine shifted products."""
-    return (_by_patches if _few_pixels(x.shape) else _by_shifts)(grad_out, x)
+    take the patches' product; other float32 maps at least a tile (4 pixels) high and wide take
+    Winograd's transforms (``winograd.weight_grad``); the rest the nine shifted products."""
+    if _few_pixels(x.shape):
+        return _by_patches(grad_out, x)
+    if x.dtype == torch.float32 and min(x.shape[-2:]) >= 4:
+        return winograd.weight_grad(x, grad_out)
+    return _by_shifts(grad_out, x)
 
 
 def _by_patches(grad_out: Tensor, x: Tensor) -> Tensor:

@@ -12,7 +12,9 @@ each tile's transform is one small product (36, 36) @ (36, C) in a batched call,
 tile's 6x6 input block and 4x4 output block are rows of whole pixels in the NHWC maps.
 
 Used at inference on the CPU, where the 256-channel convolutions of the FPN, the RPN and the
-mask head take most of the time, and in training on large maps (``ops.training_conv``).
+mask head take most of the time, and in training (``ops.training_conv``): the forward and data
+gradient on large maps, and the weight gradient (``weight_grad``), whose sums over the tiles
+are 36 products too.
 Rounding differs from a direct convolution: about 1e-5 of the output's scale against 2e-6
 (float32).
 
@@ -81,44 +83,105 @@ def conv3x3(x: Tensor, u: Tensor, bias: Tensor | None = None, relu: bool = False
     """
     n, c, h, w = x.shape
     co = u.shape[2]
-    th, tw = -(-h // 4), -(-w // 4)  # tiles down and across; the last ones may overhang
     nhwc = x.permute(0, 2, 3, 1)
     result = out if out is not None else torch.empty(
         (n, co, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     pixels = result.permute(0, 2, 3, 1)  # (N, H, W, C_out), its memory
 
-    # A chunk is `rows` tile rows of `imgs` images; its input band, zero-padded, lives in `band`.
-    rows = max(1, min(th, _TILES_PER_CHUNK // tw))
-    imgs = max(1, min(n, _TILES_PER_CHUNK // (th * tw))) if rows == th else 1
-    band = x.new_zeros((imgs, 4 * rows + 2, 4 * tw + 2, c))
-    tiles = imgs * rows * tw
-    d = x.new_empty((tiles, 36, c))
-    v = torch.empty_like(d)
-    m = x.new_empty((36, tiles, co))
-    y = x.new_empty((tiles, 16, co))
-    kb, ka = (t.expand(tiles, *t.shape) for t in _transforms(x))  # one per tile, no copies
-    for i0 in range(0, n, imgs):
-        i1 = min(n, i0 + imgs)
-        for r0 in range(0, th, rows):
-            r1 = min(th, r0 + rows)
-            ni, nr = i1 - i0, r1 - r0
-            k = ni * nr * tw
-            top, bottom = 4 * r0 - 1, min(h, 4 * r1 + 1)  # input rows of the band
-            skip = 1 if top < 0 else 0
-            bandv = band[:ni, :4 * nr + 2]
-            bandv[:, skip:skip + bottom - top - skip, 1:w + 1] = nhwc[i0:i1, top + skip:bottom]
-            bandv[:, bottom - top:].zero_()
-            if skip:
-                bandv[:, 0].zero_()
-            tile_view = bandv.unfold(1, 6, 4).unfold(2, 6, 4).permute(0, 1, 2, 4, 5, 3)
-            d[:k].view(ni, nr, tw, 6, 6, c).copy_(tile_view)
-            vk = torch.bmm(kb[:k], d[:k], out=v[:k])  # (k, 36, C_in)
-            mk = torch.bmm(vk.transpose(0, 1), u, out=m[:, :k])  # (36, k, C_out)
-            if bias is not None:
-                mk[_ONES_COLUMN].add_(bias)
-            yk = torch.bmm(ka[:k], mk.transpose(0, 1), out=y[:k])  # (k, 16, C_out)
-            _put(pixels[i0:i1, 4 * r0:min(h, 4 * r1)], yk.view(ni, nr, tw, 4, 4, co), relu)
+    tiles = _InputTiles(nhwc, _TILES_PER_CHUNK)
+    v = torch.empty_like(tiles.d)
+    m = x.new_empty((36, tiles.size, co))
+    y = x.new_empty((tiles.size, 16, co))
+    kb, ka = (t.expand(tiles.size, *t.shape) for t in _transforms(x))  # one per tile, no copies
+    for i0, i1, r0, r1 in tiles.chunks():
+        k = tiles.fill(i0, i1, r0, r1)
+        vk = torch.bmm(kb[:k], tiles.d[:k], out=v[:k])  # (k, 36, C_in)
+        mk = torch.bmm(vk.transpose(0, 1), u, out=m[:, :k])  # (36, k, C_out)
+        if bias is not None:
+            mk[_ONES_COLUMN].add_(bias)
+        yk = torch.bmm(ka[:k], mk.transpose(0, 1), out=y[:k])  # (k, 16, C_out)
+        _put(pixels[i0:i1, 4 * r0:min(h, 4 * r1)], yk.view(i1 - i0, r1 - r0, tiles.tw, 4, 4, co), relu)
     return result
+
+
+def weight_grad(x: Tensor, grad_out: Tensor) -> Tensor:
+    """The weight gradient (C_out, C_in, 3, 3), channels-last, of the 3x3 convolution with
+    stride 1 and padding 1 of ``x`` (N, C_in, H, W) whose output's gradient is ``grad_out``
+    (N, C_out, H, W), by the same transforms as ``conv3x3``.
+
+    Each output block is Y = A^T [U * V] A with U = G g G^T, so summed over the blocks
+
+        dU = sum over blocks of (A dY A^T) * V,    dg = G^T dU G
+
+    and the sum over blocks is 36 matrix products (C_out, tiles) @ (tiles, C_in): 36
+    multiply-adds per tile and channel pair instead of 144."""
+    n, c, h, w = x.shape
+    co = grad_out.shape[1]
+    tiles = _InputTiles(x.permute(0, 2, 3, 1), _TILES_PER_CHUNK)
+    v = torch.empty_like(tiles.d)
+    # the chunk's output gradient on whole tiles, zero past the map's bottom and right edges
+    tw = tiles.tw
+    band = grad_out.new_zeros((tiles.imgs, 4 * tiles.rows, 4 * tw, co))
+    e = grad_out.new_empty((tiles.size, 16, co))
+    f = grad_out.new_empty((tiles.size, 36, co))
+    kb, ka = _transforms(x)
+    kb, ka_t = kb.expand(tiles.size, 36, 36), ka.t().expand(tiles.size, 36, 16)
+    du = x.new_zeros((36, co, c))
+    dy = grad_out.permute(0, 2, 3, 1)
+    for i0, i1, r0, r1 in tiles.chunks():
+        k = tiles.fill(i0, i1, r0, r1)
+        vk = torch.bmm(kb[:k], tiles.d[:k], out=v[:k])  # (k, 36, C_in)
+        ni, nr = i1 - i0, r1 - r0
+        rows = min(h, 4 * r1) - 4 * r0
+        bandv = band[:ni, :4 * nr]
+        bandv[:, :rows, :w] = dy[i0:i1, 4 * r0:4 * r0 + rows]
+        bandv[:, rows:].zero_()
+        e[:k].view(ni, nr, tw, 4, 4, co).copy_(bandv.view(ni, nr, 4, tw, 4, co).transpose(2, 3))
+        fk = torch.bmm(ka_t[:k], e[:k], out=f[:k])  # (k, 36, C_out): A dY A^T
+        du.baddbmm_(fk.permute(1, 2, 0), vk.transpose(0, 1))  # (36, C_out, k) @ (36, k, C_in)
+    g = _matrix(_G).to(x)
+    taps = torch.matmul(torch.kron(g, g).t(), du.transpose(0, 1))  # (C_out, 9, C_in)
+    return taps.view(co, 3, 3, c).permute(0, 3, 1, 2)
+
+
+class _InputTiles:
+    """The 6x6 input blocks of the 4x4 output tiles of a 3x3 convolution of ``nhwc``
+    (N, H, W, C), a chunk at a time: ``imgs`` images by ``rows`` tile rows, about
+    ``per_chunk`` tiles, laid out tile-major in ``d`` (tiles, 36, C). A chunk's input band,
+    zero-padded, lives in one buffer reused from chunk to chunk."""
+
+    def __init__(self, nhwc: Tensor, per_chunk: int):
+        n, h, w, c = nhwc.shape
+        self.nhwc = nhwc
+        self.th, self.tw = -(-h // 4), -(-w // 4)  # the last tiles may overhang
+        self.rows = max(1, min(self.th, per_chunk // self.tw))
+        self.imgs = max(1, min(n, per_chunk // (self.th * self.tw))) if self.rows == self.th else 1
+        self.size = self.imgs * self.rows * self.tw
+        self.band = nhwc.new_zeros((self.imgs, 4 * self.rows + 2, 4 * self.tw + 2, c))
+        self.d = nhwc.new_empty((self.size, 36, c))
+
+    def chunks(self):
+        """(first image, end image, first tile row, end tile row) of each chunk."""
+        n = self.nhwc.shape[0]
+        for i0 in range(0, n, self.imgs):
+            for r0 in range(0, self.th, self.rows):
+                yield i0, min(n, i0 + self.imgs), r0, min(self.th, r0 + self.rows)
+
+    def fill(self, i0: int, i1: int, r0: int, r1: int) -> int:
+        """Lay out the chunk's blocks in ``d``; returns their number."""
+        _, h, w, c = self.nhwc.shape
+        ni, nr = i1 - i0, r1 - r0
+        top, bottom = 4 * r0 - 1, min(h, 4 * r1 + 1)  # input rows of the band
+        skip = 1 if top < 0 else 0
+        band = self.band[:ni, :4 * nr + 2]
+        band[:, skip:skip + bottom - top - skip, 1:w + 1] = self.nhwc[i0:i1, top + skip:bottom]
+        band[:, bottom - top:].zero_()
+        if skip:
+            band[:, 0].zero_()
+        k = ni * nr * self.tw
+        blocks = band.unfold(1, 6, 4).unfold(2, 6, 4).permute(0, 1, 2, 4, 5, 3)
+        self.d[:k].view(ni, nr, self.tw, 6, 6, c).copy_(blocks)
+        return k
 
 
 def _put(dest: Tensor, blocks: Tensor, relu: bool) -> None:
