@@ -25,9 +25,8 @@ trainer computes it another way:
 - every map on CPUs whose widest vectors are AVX2 (no AVX-512). Float32 maps at least a tile
   (4 pixels) high and wide take Winograd's transforms (``winograd.weight_grad``): 36
   multiply-adds per 4x4 tile and channel pair instead of 144. On 2 Zen 3 cores that took
-  0.38x-0.61x of the time of the nine products below with 64 to 256 channels on maps of 14x14
-  to 64x88 (0.83x on 2 maps of 32x44 with 64 channels), rounded to about 1e-5 of the
-  gradient's scale. The nine products, for thinner maps and other dtypes, took 0.63x-0.94x of
+  0.22x-0.73x of the time of the nine products below with 64 to 256 channels on 2 to 64 maps
+  of 14x14 to 64x88 (two runs), rounded to about 1e-5 of the gradient's scale. The nine products, for thinner maps and other dtypes, took 0.63x-0.94x of
   oneDNN's time there: with x zero-padded and both maps flattened over the padded
   (H + 2, W + 2) grid, shifting a pixel by (ky - 1, kx - 1) is shifting its row by a constant,
   so each (ky, kx) is one product of dY^T by a window of X's rows, with no im2col copy holding

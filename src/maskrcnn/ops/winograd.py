@@ -126,9 +126,9 @@ def weight_grad(x: Tensor, grad_out: Tensor) -> Tensor:
     f = grad_out.new_empty((tiles.size, 36, co))
     kb, ka = _transforms(x)
     kb, ka_t = kb.expand(tiles.size, 36, 36), ka.t().expand(tiles.size, 36, 16)
-    du = x.new_zeros((36, co, c))
+    du = x.new_empty((36, co, c))
     dy = grad_out.permute(0, 2, 3, 1)
-    for i0, i1, r0, r1 in tiles.chunks():
+    for chunk, (i0, i1, r0, r1) in enumerate(tiles.chunks()):
         k = tiles.fill(i0, i1, r0, r1)
         vk = torch.bmm(kb[:k], tiles.d[:k], out=v[:k])  # (k, 36, C_in)
         ni, nr = i1 - i0, r1 - r0
@@ -138,7 +138,8 @@ def weight_grad(x: Tensor, grad_out: Tensor) -> Tensor:
         bandv[:, rows:].zero_()
         e[:k].view(ni, nr, tw, 4, 4, co).copy_(bandv.view(ni, nr, 4, tw, 4, co).transpose(2, 3))
         fk = torch.bmm(ka_t[:k], e[:k], out=f[:k])  # (k, 36, C_out): A dY A^T
-        du.baddbmm_(fk.permute(1, 2, 0), vk.transpose(0, 1))  # (36, C_out, k) @ (36, k, C_in)
+        # (36, C_out, k) @ (36, k, C_in), the first chunk's written, the others' added
+        du.baddbmm_(fk.permute(1, 2, 0), vk.transpose(0, 1), beta=1 if chunk else 0)
     g = _matrix(_G).to(x)
     taps = torch.matmul(torch.kron(g, g).t(), du.transpose(0, 1))  # (C_out, 9, C_in)
     return taps.view(co, 3, 3, c).permute(0, 3, 1, 2)
