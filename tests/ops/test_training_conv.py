@@ -1,14 +1,14 @@
 """The training convs: the same values and gradients as autograd's convolution, by Winograd on
-large maps with many channels, with the weight gradient by either way of the products (taken
-on maps with few pixels, and on every map where AVX2 is the widest), both gradients from the
-pixels where the output's gradient is nonzero, and a conv that still becomes Winograd's to
-predict."""
+large maps with many channels, with the weight gradient by either way of the products or by
+Winograd's transforms (taken on maps with few pixels, and on every map where AVX2 is the
+widest), both gradients from the pixels where the output's gradient is nonzero, and a conv
+that still becomes Winograd's to predict."""
 
 import pytest
 import torch
 from torch import nn
 
-from maskrcnn.ops import training_conv, winograd
+from maskrcnn.ops import training_conv
 from maskrcnn.ops.training_conv import TrainingConv2d, use_training_convs
 from maskrcnn.ops.winograd import WinogradConv2d, use_winograd
 
@@ -54,25 +54,23 @@ def test_grads_at_pixels_are_the_convolutions_gradients(shape, share):
     assert training_conv.grads_at_pixels(grad_out, x.detach(), weight.detach(), pixels, False)[0] is None
 
 
-def counting(monkeypatch, name="weight_grad_3x3", module=training_conv):
-    """The calls of ``module``'s function ``name``, which still runs."""
+def counting(monkeypatch, name="weight_grad_3x3"):
+    """The calls of ``training_conv``'s function ``name``, which still runs."""
     calls = []
-    real = getattr(module, name)
-    monkeypatch.setattr(module, name, lambda *a: calls.append(1) or real(*a))
+    real = getattr(training_conv, name)
+    monkeypatch.setattr(training_conv, name, lambda *a: calls.append(1) or real(*a))
     return calls
 
 
-@pytest.mark.parametrize("shape, dtype, way", [((2, 8, 8, 9), torch.float32, "weight_grad"),
-                                               ((2, 8, 4, 4), torch.float32, "weight_grad"),
-                                               ((2, 8, 3, 9), torch.float32, "_by_shifts"),
-                                               ((2, 8, 8, 9), torch.float64, "_by_shifts"),
-                                               ((1, 64, 4, 5), torch.float32, "_by_patches")])
+@pytest.mark.parametrize("shape, dtype, way", [
+    ((2, 8, 8, 9), torch.float32, "conv3x3_weight_grad"), ((2, 8, 4, 4), torch.float32, "conv3x3_weight_grad"),
+    ((2, 8, 3, 9), torch.float32, "_by_shifts"), ((2, 8, 8, 9), torch.float64, "_by_shifts"),
+    ((1, 64, 4, 5), torch.float32, "_by_patches")])
 def test_weight_grad_3x3_takes_winograd_on_float32_maps_a_tile_wide(monkeypatch, shape, dtype, way):
     """Float32 maps at least 4 pixels high and wide take Winograd's weight gradient; thinner
     ones and other dtypes the shifted products, and batches with no more pixels than input
     channels the patches' product."""
-    calls = {name: counting(monkeypatch, name) for name in ("_by_shifts", "_by_patches")}
-    calls["weight_grad"] = counting(monkeypatch, "weight_grad", winograd)
+    calls = {name: counting(monkeypatch, name) for name in ("conv3x3_weight_grad", "_by_shifts", "_by_patches")}
     x = torch.randn(shape, dtype=dtype)
     training_conv.weight_grad_3x3(torch.randn(shape[0], 6, *shape[2:], dtype=dtype), x)
     assert {name for name, c in calls.items() if c} == {way}

@@ -35,7 +35,7 @@ def test_conv3x3_equals_the_direct_convolution(shape, chunk, monkeypatch):
 @pytest.mark.parametrize("shape", [(1, 8, 16, 20), (3, 8, 14, 14), (2, 8, 9, 13), (1, 8, 1, 2),
                                    (5, 8, 3, 6)])
 @pytest.mark.parametrize("chunk", [1, 3, 192])
-def test_weight_grad_is_the_convolutions_weight_gradient(shape, chunk, monkeypatch):
+def test_conv3x3_weight_grad_is_the_convolutions_weight_gradient(shape, chunk, monkeypatch):
     """The same sizes and chunks as the convolution, against autograd's float64 gradient, to
     Winograd's rounding; 5 input and 6 output channels; channels-last, from either layout."""
     monkeypatch.setattr(winograd, "_TILES_PER_CHUNK", chunk)
@@ -46,7 +46,8 @@ def test_weight_grad_is_the_convolutions_weight_gradient(shape, chunk, monkeypat
     weight = torch.zeros(6, 5, 3, 3, dtype=torch.float64, requires_grad=True)
     expected, = torch.autograd.grad(F.conv2d(x.double(), weight, padding=1), weight, grad_out.double())
     for layout in (torch.contiguous_format, torch.channels_last):
-        got = winograd.weight_grad(x.contiguous(memory_format=layout), grad_out.contiguous(memory_format=layout))
+        x_, grad_out_ = (t.contiguous(memory_format=layout) for t in (x, grad_out))
+        got = winograd.conv3x3_weight_grad(x_, grad_out_)
         assert got.shape == expected.shape and got.is_contiguous(memory_format=torch.channels_last)
         assert_winograd_close(got.double(), expected)
 

@@ -23,7 +23,7 @@ trainer computes it another way:
   dY^T (C_out, P) @ patches (P, 9 C_in), whose patches are at most the weights' size while the
   batch has no more output pixels than input channels;
 - every map on CPUs whose widest vectors are AVX2 (no AVX-512). Float32 maps at least a tile
-  (4 pixels) high and wide take Winograd's transforms (``winograd.weight_grad``): 36
+  (4 pixels) high and wide take Winograd's transforms (``winograd.conv3x3_weight_grad``): 36
   multiply-adds per 4x4 tile and channel pair instead of 144. On 2 Zen 3 cores that took
   0.22x-0.73x of the time of the nine products below with 64 to 256 channels on 2 to 64 maps
   of 14x14 to 64x88 (two runs), rounded to about 1e-5 of the gradient's scale. The nine products, for thinner maps and other dtypes, took 0.63x-0.94x of
@@ -50,8 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maskrcnn.ops.conv_swap import SwappedConv2d, is_3x3_same, swap_convs
-from maskrcnn.ops import winograd
-from maskrcnn.ops.winograd import conv3x3, winograd_weights
+from maskrcnn.ops.winograd import conv3x3, conv3x3_weight_grad, winograd_weights
 
 AVX2_ONLY = torch.backends.cpu.get_cpu_capability() == "AVX2"
 """Whether this CPU's widest vectors are AVX2's, where every 3x3 weight gradient is products."""
@@ -78,11 +77,11 @@ def weight_grad_3x3(grad_out: Tensor, x: Tensor) -> Tensor:
     of ``x`` (N, C_in, H, W) whose output's gradient is ``grad_out`` (N, C_out, H, W); in
     channels-last memory, in the inputs' dtype. Batches with no more pixels than input channels
     take the patches' product; other float32 maps at least a tile (4 pixels) high and wide take
-    Winograd's transforms (``winograd.weight_grad``); the rest the nine shifted products."""
+    Winograd's transforms (``winograd.conv3x3_weight_grad``); the rest the nine shifted products."""
     if _few_pixels(x.shape):
         return _by_patches(grad_out, x)
     if x.dtype == torch.float32 and min(x.shape[-2:]) >= 4:
-        return winograd.weight_grad(x, grad_out)
+        return conv3x3_weight_grad(x, grad_out)
     return _by_shifts(grad_out, x)
 
 

@@ -13,8 +13,8 @@ tile's 6x6 input block and 4x4 output block are rows of whole pixels in the NHWC
 
 Used at inference on the CPU, where the 256-channel convolutions of the FPN, the RPN and the
 mask head take most of the time, and in training (``ops.training_conv``): the forward and data
-gradient on large maps, and the weight gradient (``weight_grad``), whose sums over the tiles
-are 36 products too.
+gradient on large maps, and the weight gradient (``conv3x3_weight_grad``), whose sums over the
+tiles are 36 products too.
 Rounding differs from a direct convolution: about 1e-5 of the output's scale against 2e-6
 (float32).
 
@@ -100,11 +100,12 @@ def conv3x3(x: Tensor, u: Tensor, bias: Tensor | None = None, relu: bool = False
         if bias is not None:
             mk[_ONES_COLUMN].add_(bias)
         yk = torch.bmm(ka[:k], mk.transpose(0, 1), out=y[:k])  # (k, 16, C_out)
-        _put(pixels[i0:i1, 4 * r0:min(h, 4 * r1)], yk.view(i1 - i0, r1 - r0, tiles.tw, 4, 4, co), relu)
+        blocks = yk.view(i1 - i0, r1 - r0, tiles.tw, 4, 4, co)
+        _put(pixels[i0:i1, 4 * r0:min(h, 4 * r1)], blocks, relu)
     return result
 
 
-def weight_grad(x: Tensor, grad_out: Tensor) -> Tensor:
+def conv3x3_weight_grad(x: Tensor, grad_out: Tensor) -> Tensor:
     """The weight gradient (C_out, C_in, 3, 3), channels-last, of the 3x3 convolution with
     stride 1 and padding 1 of ``x`` (N, C_in, H, W) whose output's gradient is ``grad_out``
     (N, C_out, H, W), by the same transforms as ``conv3x3``.
