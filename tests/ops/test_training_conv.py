@@ -127,6 +127,30 @@ def test_a_sparse_grad_conv_takes_its_gradients_at_the_nonzero_pixels_when_few(m
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_a_sparse_grad_conv_under_bf16_autocast_gives_the_plain_convs_gradients(monkeypatch):
+    """Under bf16 autocast the gradients from the nonzero pixels are the plain conv's, in
+    float32, to bf16 rounding."""
+    torch.manual_seed(0)
+    plain = nn.Conv2d(64, 32, 3, padding=1).to(memory_format=torch.channels_last)
+    fast = TrainingConv2d.from_conv(nn.Conv2d(64, 32, 3, padding=1))
+    fast.load_state_dict(plain.state_dict())
+    fast.sparse_grad = True
+    x = torch.randn(2, 64, 8, 10).to(memory_format=torch.channels_last)
+    grad_out = torch.zeros(2, 32, 8, 10)
+    grad_out[:, :, 2:4, 3:6] = torch.randn(2, 32, 2, 3)
+    calls = counting(monkeypatch, "grads_at_pixels")
+    results = []
+    for conv in (fast, plain):
+        x_ = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = conv(x_)
+        y.backward(grad_out.to(y.dtype))
+        results.append((x_.grad, conv.weight.grad, conv.bias.grad))
+    assert calls and [g.dtype for g in results[0]] == [torch.float32] * 3
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * b.abs().max().item())
+
+
 def test_under_bf16_autocast_it_computes_as_autocast_does(monkeypatch):
     torch.manual_seed(0)
     plain = nn.Conv2d(64, 32, 3, padding=1).to(memory_format=torch.channels_last)
