@@ -152,9 +152,10 @@ def seed_everything(*keys: int) -> None:
 def cpu_training_kernels(model: MaskRCNN) -> MaskRCNN:
     """What the trainer does to a model it trains on the CPU: channels-last weights and
     activations (oneDNN's layout: no reorders around each conv) and ``TrainingConv2d``'s 3x3
-    convolutions (Winograd on large maps with many channels, weight gradients as matrix
-    products where oneDNN's are slow), the RPN conv's gradients taken only at the pixels of the
-    sampled anchors. The same sums, rounded as Winograd's or in another order."""
+    convolutions (Winograd on large maps with many channels, weight gradients by Winograd's
+    transforms or matrix products where oneDNN's are slow), the RPN conv's gradients taken only
+    at the pixels of the sampled anchors. The same sums, rounded as Winograd's or in another
+    order."""
     use_training_convs(model)
     model.rpn.head.conv.sparse_grad = True  # the RPN's losses see only the sampled anchors
     return model.use_channels_last()

@@ -26,11 +26,11 @@ trainer computes it another way:
   (4 pixels) high and wide take Winograd's transforms (``winograd.conv3x3_weight_grad``): 36
   multiply-adds per 4x4 tile and channel pair instead of 144. On 2 Zen 3 cores that took
   0.22x-0.73x of the time of the nine products below with 64 to 256 channels on 2 to 64 maps
-  of 14x14 to 64x88 (two runs), rounded to about 1e-5 of the gradient's scale. The nine products, for thinner maps and other dtypes, took 0.63x-0.94x of
-  oneDNN's time there: with x zero-padded and both maps flattened over the padded
-  (H + 2, W + 2) grid, shifting a pixel by (ky - 1, kx - 1) is shifting its row by a constant,
-  so each (ky, kx) is one product of dY^T by a window of X's rows, with no im2col copy holding
-  each input pixel nine times.
+  of 14x14 to 64x88 (two runs), rounded to about 1e-5 of the gradient's scale. The nine
+  products, for thinner maps and other dtypes, took 0.63x-0.94x of oneDNN's time there: with x
+  zero-padded and both maps flattened over the padded (H + 2, W + 2) grid, shifting a pixel by
+  (ky - 1, kx - 1) is shifting its row by a constant, so each (ky, kx) is one product of dY^T
+  by a window of X's rows, with no im2col copy holding each input pixel nine times.
 
 On AVX-512 CPUs oneDNN was as fast or faster than the products on larger maps (a 256-channel
 conv on 4 maps of 16x22: 11.8 ms against 15.0 ms for the patches' product), so they keep its
@@ -53,7 +53,8 @@ from maskrcnn.ops.conv_swap import SwappedConv2d, is_3x3_same, swap_convs
 from maskrcnn.ops.winograd import conv3x3, conv3x3_weight_grad, winograd_weights
 
 AVX2_ONLY = torch.backends.cpu.get_cpu_capability() == "AVX2"
-"""Whether this CPU's widest vectors are AVX2's, where every 3x3 weight gradient is products."""
+"""Whether this CPU's widest vectors are AVX2's, where no 3x3 weight gradient takes oneDNN's
+kernel."""
 
 
 def _winograd_pays(x: Tensor, out_channels: int) -> bool:
