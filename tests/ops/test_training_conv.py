@@ -103,51 +103,51 @@ def test_training_takes_the_products_with_the_same_outputs_and_gradients(monkeyp
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
 
 
+def sparse_grads(monkeypatch, c_in, c_out, x, grad_out, bf16=False):
+    """The gradients (x, weight, bias) of a ``sparse_grad`` training conv and of the plain conv
+    with the same parameters, whose output's gradient is ``grad_out``; and the calls of
+    ``grads_at_pixels``."""
+    torch.manual_seed(0)
+    plain = nn.Conv2d(c_in, c_out, 3, padding=1).to(memory_format=torch.channels_last)
+    fast = TrainingConv2d.from_conv(nn.Conv2d(c_in, c_out, 3, padding=1))
+    fast.load_state_dict(plain.state_dict())
+    fast.sparse_grad = True
+    calls = counting(monkeypatch, "grads_at_pixels")
+    results = []
+    for conv in (fast, plain):
+        x_ = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = conv(x_)
+        y.backward(grad_out.to(y.dtype))
+        results.append((x_.grad, conv.weight.grad, conv.bias.grad))
+    return *results, calls
+
+
 @pytest.mark.parametrize("share, used", [(0.1, True), (0.25, True), (0.5, False)])
 def test_a_sparse_grad_conv_takes_its_gradients_at_the_nonzero_pixels_when_few(monkeypatch, share, used):
     """``sparse_grad``: gradients nonzero at 10% or 25% of the pixels take ``grads_at_pixels``,
     at half of them the dense path; either way the plain conv's gradients."""
     monkeypatch.setattr(training_conv, "AVX2_ONLY", False)
-    torch.manual_seed(0)
-    plain = nn.Conv2d(16, 8, 3, padding=1).to(memory_format=torch.channels_last)
-    fast = TrainingConv2d.from_conv(nn.Conv2d(16, 8, 3, padding=1))
-    fast.load_state_dict(plain.state_dict())
-    fast.sparse_grad = True
+    torch.manual_seed(1)
     x = torch.randn(2, 16, 10, 12).to(memory_format=torch.channels_last)
     grad_out = torch.zeros(2, 8, 10, 12)
     grad_out.view(2, 8, -1)[:, :, :int(share * 120)] = torch.randn(2, 8, int(share * 120))
-    calls = counting(monkeypatch, "grads_at_pixels")
-    results = []
-    for conv in (fast, plain):
-        x_ = x.clone().requires_grad_()
-        conv(x_).backward(grad_out)
-        results.append((x_.grad, conv.weight.grad, conv.bias.grad))
+    fast, plain, calls = sparse_grads(monkeypatch, 16, 8, x, grad_out)
     assert bool(calls) == used
-    for a, b in zip(*results):
+    for a, b in zip(fast, plain):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_a_sparse_grad_conv_under_bf16_autocast_gives_the_plain_convs_gradients(monkeypatch):
     """Under bf16 autocast the gradients from the nonzero pixels are the plain conv's, in
     float32, to bf16 rounding."""
-    torch.manual_seed(0)
-    plain = nn.Conv2d(64, 32, 3, padding=1).to(memory_format=torch.channels_last)
-    fast = TrainingConv2d.from_conv(nn.Conv2d(64, 32, 3, padding=1))
-    fast.load_state_dict(plain.state_dict())
-    fast.sparse_grad = True
+    torch.manual_seed(1)
     x = torch.randn(2, 64, 8, 10).to(memory_format=torch.channels_last)
     grad_out = torch.zeros(2, 32, 8, 10)
     grad_out[:, :, 2:4, 3:6] = torch.randn(2, 32, 2, 3)
-    calls = counting(monkeypatch, "grads_at_pixels")
-    results = []
-    for conv in (fast, plain):
-        x_ = x.clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = conv(x_)
-        y.backward(grad_out.to(y.dtype))
-        results.append((x_.grad, conv.weight.grad, conv.bias.grad))
-    assert calls and [g.dtype for g in results[0]] == [torch.float32] * 3
-    for a, b in zip(*results):
+    fast, plain, calls = sparse_grads(monkeypatch, 64, 32, x, grad_out, bf16=True)
+    assert calls and [g.dtype for g in fast] == [torch.float32] * 3
+    for a, b in zip(fast, plain):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * b.abs().max().item())
 
 
