@@ -116,7 +116,7 @@ def conv3x3_weight_grad(x: Tensor, grad_out: Tensor) -> Tensor:
 
     and the sum over blocks is 36 matrix products (C_out, tiles) @ (tiles, C_in): 36
     multiply-adds per tile and channel pair instead of 144."""
-    n, c, h, w = x.shape
+    _, c, h, w = x.shape
     co = grad_out.shape[1]
     tiles = _InputTiles(x.permute(0, 2, 3, 1), _TILES_PER_CHUNK)
     v = torch.empty_like(tiles.d)
