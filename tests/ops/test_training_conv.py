@@ -76,6 +76,14 @@ def test_weight_grad_3x3_takes_winograd_on_float32_maps_a_tile_wide(monkeypatch,
     assert {name for name, c in calls.items() if c} == {way}
 
 
+def plain_and_training_conv(c_in, c_out):
+    """A channels-last 3x3 ``nn.Conv2d`` and a ``TrainingConv2d`` with the same parameters."""
+    plain = nn.Conv2d(c_in, c_out, 3, padding=1).to(memory_format=torch.channels_last)
+    fast = TrainingConv2d.from_conv(nn.Conv2d(c_in, c_out, 3, padding=1))
+    fast.load_state_dict(plain.state_dict())
+    return plain, fast
+
+
 def grads(conv, x):
     x = x.clone().requires_grad_()
     y = conv(x)
@@ -90,9 +98,7 @@ def test_training_takes_the_products_with_the_same_outputs_and_gradients(monkeyp
     whose widest vectors are AVX2's."""
     monkeypatch.setattr(training_conv, "AVX2_ONLY", avx2_only)
     torch.manual_seed(0)
-    plain = nn.Conv2d(64, 32, 3, padding=1).to(memory_format=torch.channels_last)
-    fast = TrainingConv2d.from_conv(nn.Conv2d(64, 32, 3, padding=1))
-    fast.load_state_dict(plain.state_dict())
+    plain, fast = plain_and_training_conv(64, 32)
     x = torch.randn(2, 64, *size).to(memory_format=torch.channels_last)
     calls = counting(monkeypatch)
     y_fast, *g_fast = grads(fast, x)
@@ -108,9 +114,7 @@ def sparse_grads(monkeypatch, c_in, c_out, x, grad_out, bf16=False):
     with the same parameters, whose output's gradient is ``grad_out``; and the calls of
     ``grads_at_pixels``."""
     torch.manual_seed(0)
-    plain = nn.Conv2d(c_in, c_out, 3, padding=1).to(memory_format=torch.channels_last)
-    fast = TrainingConv2d.from_conv(nn.Conv2d(c_in, c_out, 3, padding=1))
-    fast.load_state_dict(plain.state_dict())
+    plain, fast = plain_and_training_conv(c_in, c_out)
     fast.sparse_grad = True
     calls = counting(monkeypatch, "grads_at_pixels")
     results = []
@@ -153,9 +157,7 @@ def test_a_sparse_grad_conv_under_bf16_autocast_gives_the_plain_convs_gradients(
 
 def test_under_bf16_autocast_it_computes_as_autocast_does(monkeypatch):
     torch.manual_seed(0)
-    plain = nn.Conv2d(64, 32, 3, padding=1).to(memory_format=torch.channels_last)
-    fast = TrainingConv2d.from_conv(nn.Conv2d(64, 32, 3, padding=1))
-    fast.load_state_dict(plain.state_dict())
+    plain, fast = plain_and_training_conv(64, 32)
     x = torch.randn(2, 64, 4, 5).to(memory_format=torch.channels_last)
     calls = counting(monkeypatch)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -193,12 +195,10 @@ def test_use_training_convs_swaps_the_3x3_convs_and_they_still_become_winograds(
 @pytest.mark.parametrize("avx2_only", [False, True])
 def test_large_maps_train_by_winograd_with_the_convs_values_and_gradients(monkeypatch, avx2_only):
     """128 channels on a 64x64 map (4096 pixels): forward and data gradient by Winograd, the
-    weight gradient by the products on AVX2-only CPUs and by oneDNN's kernel elsewhere."""
+    weight gradient by ``weight_grad_3x3`` on AVX2-only CPUs and by oneDNN's kernel elsewhere."""
     monkeypatch.setattr(training_conv, "AVX2_ONLY", avx2_only)
     torch.manual_seed(0)
-    plain = nn.Conv2d(128, 128, 3, padding=1).to(memory_format=torch.channels_last)
-    fast = TrainingConv2d.from_conv(nn.Conv2d(128, 128, 3, padding=1))
-    fast.load_state_dict(plain.state_dict())
+    plain, fast = plain_and_training_conv(128, 128)
     x = torch.randn(1, 128, 64, 64).to(memory_format=torch.channels_last)
     winograd, products = counting(monkeypatch, "conv3x3"), counting(monkeypatch)
     y_fast, *g_fast = grads(fast, x)
