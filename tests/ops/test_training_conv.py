@@ -93,9 +93,9 @@ def grads(conv, x):
 
 @pytest.mark.parametrize("avx2_only, size, used", [(False, (4, 5), True), (False, (8, 9), False),
                                                   (True, (8, 9), True)])
-def test_training_takes_the_products_with_the_same_outputs_and_gradients(monkeypatch, avx2_only, size, used):
-    """64 input channels: 2 maps of 4x5 (40 pixels) take the products, 2 of 8x9 only on a CPU
-    whose widest vectors are AVX2's."""
+def test_training_takes_weight_grad_3x3_with_the_same_outputs_and_gradients(monkeypatch, avx2_only, size, used):
+    """64 input channels: 2 maps of 4x5 (40 pixels) take ``weight_grad_3x3`` (the patches'
+    product), 2 of 8x9 (Winograd's transforms) only on a CPU whose widest vectors are AVX2's."""
     monkeypatch.setattr(training_conv, "AVX2_ONLY", avx2_only)
     torch.manual_seed(0)
     plain, fast = plain_and_training_conv(64, 32)
