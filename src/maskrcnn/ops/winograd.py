@@ -55,9 +55,14 @@ def winograd_weights(weight: Tensor) -> Tensor:
     first call of a 512-channel convolution cost 150 ms on 2 cores). Each entry is a sum of 9
     terms: computing it in float64 changed no output beyond Winograd's own rounding."""
     c_out, c_in = weight.shape[:2]
-    g = _matrix(_G).to(weight)
     taps = weight.permute(2, 3, 1, 0).reshape(9, c_in * c_out)
-    return (torch.kron(g, g) @ taps).reshape(36, c_in, c_out)
+    return (_filter_transform(weight) @ taps).reshape(36, c_in, c_out)
+
+
+def _filter_transform(like: Tensor) -> Tensor:
+    """Filter transform (36, 9) = G (x) G, acting on a 3x3 filter flattened row-major."""
+    g = _matrix(_G).to(like)
+    return torch.kron(g, g)
 
 
 def _transforms(like: Tensor) -> tuple[Tensor, Tensor]:
@@ -141,8 +146,7 @@ def conv3x3_weight_grad(x: Tensor, grad_out: Tensor) -> Tensor:
         fk = torch.bmm(ka_t[:k], e[:k], out=f[:k])  # (k, 36, C_out): A dY A^T
         # (36, C_out, k) @ (36, k, C_in), the first chunk's written, the others' added
         du.baddbmm_(fk.permute(1, 2, 0), vk.transpose(0, 1), beta=1 if chunk else 0)
-    g = _matrix(_G).to(x)
-    taps = torch.matmul(torch.kron(g, g).t(), du.transpose(0, 1))  # (C_out, 9, C_in)
+    taps = torch.matmul(_filter_transform(x).t(), du.transpose(0, 1))  # (C_out, 9, C_in)
     return taps.view(co, 3, 3, c).permute(0, 3, 1, 2)
 
 
