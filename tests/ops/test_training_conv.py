@@ -1,8 +1,8 @@
 """The training convs: the same values and gradients as autograd's convolution, by Winograd on
 large maps with many channels, with the weight gradient by either way of the products or by
 Winograd's transforms (taken on maps with few pixels, and on every map where AVX2 is the
-widest), both gradients from the pixels where the output's gradient is nonzero, and a conv
-that still becomes Winograd's to predict."""
+widest; with stride 2, the patches' product), both gradients from the pixels where the
+output's gradient is nonzero, and a conv that still becomes Winograd's to predict."""
 
 import pytest
 import torch
@@ -29,6 +29,23 @@ def test_weight_grad_3x3_is_the_convolutions_weight_gradient(shape, channels_las
     grad_out = torch.randn(n, 6, h, w, dtype=torch.float64)
     expected, = torch.autograd.grad(conv(x), conv.weight, grad_out)
     got = getattr(training_conv, way)(grad_out, x)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 3, 7), (1, 8, 1, 1), (3, 4, 6, 2), (2, 3, 1, 5), (2, 3, 8, 9)])
+@pytest.mark.parametrize("way", ["weight_grad_3x3", "_by_patches"])
+def test_stride_2_weight_grad_is_the_convolutions_weight_gradient(shape, way):
+    """Odd and even sizes (the last output pixel's neighbourhood in the padding or not), maps
+    one pixel wide or high, and a float32 map a tile wide, which with stride 1 would take
+    Winograd's transforms."""
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64).to(memory_format=torch.channels_last)
+    conv = nn.Conv2d(shape[1], 6, 3, stride=2, padding=1, bias=False).double()
+    y = conv(x)
+    grad_out = torch.randn(y.shape, dtype=torch.float64)
+    expected, = torch.autograd.grad(y, conv.weight, grad_out)
+    got = getattr(training_conv, way)(grad_out, x, 2)
     assert got.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
@@ -76,10 +93,10 @@ def test_weight_grad_3x3_takes_winograd_on_float32_maps_a_tile_wide(monkeypatch,
     assert {name for name, c in calls.items() if c} == {way}
 
 
-def plain_and_training_conv(c_in, c_out):
+def plain_and_training_conv(c_in, c_out, stride=1):
     """A channels-last 3x3 ``nn.Conv2d`` and a ``TrainingConv2d`` with the same parameters."""
-    plain = nn.Conv2d(c_in, c_out, 3, padding=1).to(memory_format=torch.channels_last)
-    fast = TrainingConv2d.from_conv(nn.Conv2d(c_in, c_out, 3, padding=1))
+    plain = nn.Conv2d(c_in, c_out, 3, stride, padding=1).to(memory_format=torch.channels_last)
+    fast = TrainingConv2d.from_conv(nn.Conv2d(c_in, c_out, 3, stride, padding=1))
     fast.load_state_dict(plain.state_dict())
     return plain, fast
 
@@ -93,12 +110,15 @@ def grads(conv, x):
 
 @pytest.mark.parametrize("avx2_only, size, used", [(False, (4, 5), True), (False, (8, 9), False),
                                                   (True, (8, 9), True)])
-def test_training_takes_weight_grad_3x3_with_the_same_outputs_and_gradients(monkeypatch, avx2_only, size, used):
+@pytest.mark.parametrize("stride", [1, 2])
+def test_training_takes_weight_grad_3x3_with_the_same_outputs_and_gradients(monkeypatch, avx2_only, size, used,
+                                                                            stride):
     """64 input channels: 2 maps of 4x5 (40 pixels) take ``weight_grad_3x3`` (the patches'
-    product), 2 of 8x9 (Winograd's transforms) only on a CPU whose widest vectors are AVX2's."""
+    product), 2 of 8x9 (Winograd's transforms with stride 1, the patches' product with stride
+    2) only on a CPU whose widest vectors are AVX2's."""
     monkeypatch.setattr(training_conv, "AVX2_ONLY", avx2_only)
     torch.manual_seed(0)
-    plain, fast = plain_and_training_conv(64, 32)
+    plain, fast = plain_and_training_conv(64, 32, stride)
     x = torch.randn(2, 64, *size).to(memory_format=torch.channels_last)
     calls = counting(monkeypatch)
     y_fast, *g_fast = grads(fast, x)
@@ -182,14 +202,20 @@ def test_predicting_and_frozen_weights_take_the_plain_conv(monkeypatch):
 
 
 def test_use_training_convs_swaps_the_3x3_convs_and_they_still_become_winograds():
+    """3x3 convs with padding 1 and stride 1 or 2 train as ``TrainingConv2d``; those with stride 1
+    still become Winograd's to predict."""
     model = nn.Sequential(nn.Conv2d(128, 128, 3, padding=1), nn.Conv2d(128, 128, 3, stride=2, padding=1),
-                          nn.Conv2d(128, 128, 1), nn.Conv2d(128, 128, 3, padding=1, bias=False))
+                          nn.Conv2d(128, 128, 1), nn.Conv2d(128, 128, 3, padding=1, bias=False),
+                          nn.Conv2d(128, 128, 3, stride=2), nn.Conv2d(128, 128, 3, stride=3, padding=1))
     state = model.state_dict()
-    assert use_training_convs(model) == 2
-    assert [type(m) for m in model] == [TrainingConv2d, nn.Conv2d, nn.Conv2d, TrainingConv2d]
+    assert use_training_convs(model) == 3
+    assert [type(m) for m in model] == [TrainingConv2d, TrainingConv2d, nn.Conv2d, TrainingConv2d,
+                                        nn.Conv2d, nn.Conv2d]
+    assert model[1].stride == (2, 2)
     assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     assert use_winograd(model) == 2 and isinstance(model[3], WinogradConv2d)
+    assert type(model[1]) is TrainingConv2d
 
 
 @pytest.mark.parametrize("avx2_only", [False, True])

@@ -1,4 +1,4 @@
-"""3x3, stride-1 convolutions swapped for subclasses that compute them another way on the CPU
+"""3x3 convolutions swapped for subclasses that compute them another way on the CPU
 (``ops.winograd`` when predicting, ``ops.training_conv`` when training), sharing the plain
 conv's parameters, so the state dict does not change."""
 
@@ -9,9 +9,10 @@ from typing import Callable
 from torch import nn
 
 
-def is_3x3_same(conv: nn.Conv2d) -> bool:
-    """Whether ``conv`` is a 3x3 conv with stride 1 and zero padding 1: output size = input size."""
-    return (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+def is_3x3(conv: nn.Conv2d, stride: int = 1) -> bool:
+    """Whether ``conv`` is a 3x3 conv with zero padding 1 and ``stride``; with stride 1 its
+    output is the input's size."""
+    return (conv.kernel_size == (3, 3) and conv.stride == (stride, stride) and conv.padding == (1, 1)
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
 
 
@@ -21,8 +22,8 @@ class SwappedConv2d(nn.Conv2d):
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> "SwappedConv2d":
         """A ``cls`` holding ``conv``'s own weight and bias parameters."""
-        new = cls(conv.in_channels, conv.out_channels, 3, padding=1, bias=conv.bias is not None,
-                  device="meta")
+        new = cls(conv.in_channels, conv.out_channels, 3, stride=conv.stride, padding=1,
+                  bias=conv.bias is not None, device="meta")
         new.weight, new.bias = conv.weight, conv.bias
         new.train(conv.training)
         return new

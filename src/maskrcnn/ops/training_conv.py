@@ -1,4 +1,4 @@
-"""3x3, stride-1 convolutions as the CPU trainer runs them, where oneDNN's kernels are slow.
+"""3x3 convolutions as the CPU trainer runs them, where oneDNN's kernels are slow.
 
 **Forward and data gradient by Winograd** (``ops.winograd``) on maps of 4096 pixels or more
 with 128 channels or more in and out, in float32: the data gradient of such a convolution is
@@ -22,7 +22,11 @@ trainer computes it another way:
   neighbourhoods laid out as rows (im2col: P rows of 9 C_in values) the gradient is one product,
   dY^T (C_out, P) @ patches (P, 9 C_in), whose patches are at most the weights' size while the
   batch has no more output pixels than input channels;
-- every map on CPUs whose widest vectors are AVX2 (no AVX-512). Float32 maps at least a tile
+- every map on CPUs whose widest vectors are AVX2 (no AVX-512). Stride-2 convs take the
+  patches' product there, with the neighbourhoods of every other pixel as its rows: ResNet-18's
+  three on the maps of 4 images of 256x352 (64 to 128 channels on 64x88, 128 to 256 on 32x44,
+  256 to 512 on 16x22) took 12.2-12.9 ms with oneDNN's data gradient, against 15.9-17.0 ms for
+  oneDNN's two gradients. Stride-1 float32 maps at least a tile
   (4 pixels) high and wide take Winograd's transforms (``winograd.conv3x3_weight_grad``): 36
   multiply-adds per 4x4 tile and channel pair instead of 144. On 2 Zen 3 cores that took
   0.22x-0.73x of the time of the nine products below with 64 to 256 channels on 2 to 64 maps
@@ -49,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from maskrcnn.ops.conv_swap import SwappedConv2d, is_3x3_same, swap_convs
+from maskrcnn.ops.conv_swap import SwappedConv2d, is_3x3, swap_convs
 from maskrcnn.ops.winograd import conv3x3, conv3x3_weight_grad, winograd_weights
 
 AVX2_ONLY = torch.backends.cpu.get_cpu_capability() == "AVX2"
@@ -73,23 +77,24 @@ def _few_pixels(x_shape: torch.Size) -> bool:
     return n * h * w <= c
 
 
-def weight_grad_3x3(grad_out: Tensor, x: Tensor) -> Tensor:
-    """The weight gradient (C_out, C_in, 3, 3) of a 3x3 convolution with stride 1 and padding 1
-    of ``x`` (N, C_in, H, W) whose output's gradient is ``grad_out`` (N, C_out, H, W); in
-    channels-last memory, in the inputs' dtype. Batches with no more pixels than input channels
-    take the patches' product; other float32 maps at least a tile (4 pixels) high and wide take
-    Winograd's transforms (``winograd.conv3x3_weight_grad``); the rest the nine shifted products."""
-    if _few_pixels(x.shape):
-        return _by_patches(grad_out, x)
+def weight_grad_3x3(grad_out: Tensor, x: Tensor, stride: int = 1) -> Tensor:
+    """The weight gradient (C_out, C_in, 3, 3) of a 3x3 convolution with padding 1 and
+    ``stride`` of ``x`` (N, C_in, H, W) whose output's gradient is ``grad_out`` (N, C_out, H', W');
+    in channels-last memory, in the inputs' dtype. Stride 2, and batches with no more pixels than
+    input channels, take the patches' product; other float32 maps at least a tile (4 pixels) high
+    and wide take Winograd's transforms (``winograd.conv3x3_weight_grad``); the rest the nine
+    shifted products."""
+    if stride != 1 or _few_pixels(x.shape):
+        return _by_patches(grad_out, x, stride)
     if x.dtype == torch.float32 and min(x.shape[-2:]) >= 4:
         return conv3x3_weight_grad(x, grad_out)
     return _by_shifts(grad_out, x)
 
 
-def _by_patches(grad_out: Tensor, x: Tensor) -> Tensor:
+def _by_patches(grad_out: Tensor, x: Tensor, stride: int = 1) -> Tensor:
     c_in = x.shape[1]
     pixels = F.pad(x, (1, 1, 1, 1)).permute(0, 2, 3, 1)  # (N, H + 2, W + 2, C_in)
-    patches = pixels.unfold(1, 3, 1).unfold(2, 3, 1)  # (N, H, W, C_in, 3, 3)
+    patches = pixels.unfold(1, 3, stride).unfold(2, 3, stride)  # (N, H', W', C_in, 3, 3)
     patches = patches.permute(0, 1, 2, 4, 5, 3).reshape(-1, 9 * c_in)  # (P, 9 C_in): ky, kx, i
     dy = grad_out.permute(0, 2, 3, 1).reshape(-1, grad_out.shape[1])  # (P, C_out)
     return (dy.t() @ patches).view(-1, 3, 3, c_in).permute(0, 3, 1, 2)
@@ -164,26 +169,26 @@ def _nonzero_pixels(grad_out: Tensor) -> Tensor:
 
 
 class _Conv3x3(torch.autograd.Function):
-    """conv2d(x, weight, bias, padding=1), forward and data gradient by Winograd if
+    """conv2d(x, weight, bias, stride, padding=1), forward and data gradient by Winograd if
     ``winograd``, the weight gradient by ``weight_grad_3x3`` if ``products`` (otherwise
     oneDNN's), and both gradients by ``grads_at_pixels`` if ``sparse_grad`` and the output's
     gradient is zero at most pixels; under CPU autocast, computed in its dtype as autocast
     computes a convolution."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, winograd: bool,
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, winograd: bool,
                 products: bool, sparse_grad: bool) -> Tensor:
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
         ctx.dtypes = (x.dtype, weight.dtype)
         x, weight = x.to(dtype), weight.to(dtype)
         ctx.save_for_backward(x, weight)
         ctx.has_bias, ctx.winograd, ctx.products = bias is not None, winograd, products
-        ctx.sparse_grad = sparse_grad
+        ctx.sparse_grad, ctx.stride = sparse_grad, stride
         bias = None if bias is None else bias.to(dtype)
         if winograd:
             return conv3x3(x, winograd_weights(weight), bias)
         with torch.autocast("cpu", enabled=False):
-            return F.conv2d(x, weight, bias, padding=1)
+            return F.conv2d(x, weight, bias, stride, padding=1)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
@@ -198,7 +203,7 @@ class _Conv3x3(torch.autograd.Function):
         grad_b = grad_out.sum((0, 2, 3), dtype=torch.float32) if ctx.has_bias else None
         grad_x = None if grad_x is None else grad_x.to(ctx.dtypes[0])
         grad_b = None if grad_b is None else grad_b.to(ctx.dtypes[1])
-        return grad_x, grad_w.to(ctx.dtypes[1]), grad_b, None, None, None
+        return grad_x, grad_w.to(ctx.dtypes[1]), grad_b, None, None, None, None
 
 
 def _dense_grads(ctx, grad_out: Tensor, x: Tensor, weight: Tensor, need_x: bool
@@ -206,36 +211,39 @@ def _dense_grads(ctx, grad_out: Tensor, x: Tensor, weight: Tensor, need_x: bool
     """``_Conv3x3``'s data gradient (None unless ``need_x``) and weight gradient over every pixel."""
     mask = [need_x and not ctx.winograd, not ctx.products, False]
     onednn = (torch.ops.aten.convolution_backward(
-        grad_out, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask)
+        grad_out, x, weight, None, [ctx.stride] * 2, [1, 1], [1, 1], False, [0, 0], 1, mask)
         if any(mask) else (None, None))
     grad_x = onednn[0]
     if need_x and ctx.winograd:  # the conv of grad_out by the flipped, transposed filters
         grad_x = conv3x3(grad_out, winograd_weights(weight.flip(2, 3).transpose(0, 1)))
-    return grad_x, weight_grad_3x3(grad_out, x) if ctx.products else onednn[1]
+    return grad_x, weight_grad_3x3(grad_out, x, ctx.stride) if ctx.products else onednn[1]
 
 
 class TrainingConv2d(SwappedConv2d):
-    """A 3x3, stride-1, padding-1 ``nn.Conv2d`` that, when training on the CPU, runs forward and
-    data gradient by Winograd where that pays (``_winograd_pays``) and takes the weight gradient
-    from ``weight_grad_3x3`` on AVX2-only CPUs and on batches with no more pixels than input
-    channels; with ``sparse_grad`` set, both gradients come from ``grads_at_pixels`` when the
-    output's gradient is nonzero at no more than a quarter of its pixels. Otherwise (and when
-    predicting, and on GPUs) the plain conv. Same parameters and state dict as the conv it
-    replaces; the same sums, rounded as Winograd's or in another order."""
+    """A 3x3, padding-1 ``nn.Conv2d`` with stride 1 or 2 that, when training on the CPU, takes
+    the weight gradient from ``weight_grad_3x3`` on AVX2-only CPUs and on batches with no more
+    pixels than input channels. With stride 1 it also runs forward and data gradient by Winograd
+    where that pays (``_winograd_pays``); with ``sparse_grad`` set, both gradients come from
+    ``grads_at_pixels`` when the output's gradient is nonzero at no more than a quarter of its
+    pixels. Otherwise (and when predicting, and on GPUs) the plain conv. Same parameters and
+    state dict as the conv it replaces; the same sums, rounded as Winograd's or in another order."""
 
     sparse_grad = False
     """Whether the output's gradient is expected to be zero at most pixels (the RPN's conv)."""
 
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type == "cpu" and torch.is_grad_enabled() and self.weight.requires_grad:
-            winograd = _winograd_pays(x, self.out_channels)
+            stride = self.stride[0]
+            winograd = stride == 1 and _winograd_pays(x, self.out_channels)
             products = AVX2_ONLY or _few_pixels(x.shape)
-            if winograd or products or self.sparse_grad:
-                return _Conv3x3.apply(x, self.weight, self.bias, winograd, products, self.sparse_grad)
+            sparse_grad = stride == 1 and self.sparse_grad
+            if winograd or products or sparse_grad:
+                return _Conv3x3.apply(x, self.weight, self.bias, stride, winograd, products, sparse_grad)
         return super().forward(x)
 
 
 def use_training_convs(module: nn.Module) -> int:
-    """Swap every plain 3x3, stride-1 conv inside ``module`` for a ``TrainingConv2d`` sharing
-    its parameters. Returns the number swapped."""
-    return swap_convs(module, TrainingConv2d, lambda conv: type(conv) is nn.Conv2d and is_3x3_same(conv))
+    """Swap every plain 3x3 conv with padding 1 and stride 1 or 2 inside ``module`` for a
+    ``TrainingConv2d`` sharing its parameters. Returns the number swapped."""
+    return swap_convs(module, TrainingConv2d, lambda conv: type(conv) is nn.Conv2d
+                      and (is_3x3(conv) or is_3x3(conv, stride=2)))

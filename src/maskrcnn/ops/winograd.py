@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from maskrcnn.ops.conv_swap import SwappedConv2d, is_3x3_same, swap_convs
+from maskrcnn.ops.conv_swap import SwappedConv2d, is_3x3, swap_convs
 from maskrcnn.ops.weight_cache import WeightCache
 
 _BT = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
@@ -222,7 +222,7 @@ class WinogradConv2d(SwappedConv2d):
     @classmethod
     def eligible(cls, conv: nn.Module) -> bool:
         # plain convs and those that train another way (``ops.training_conv``)
-        return isinstance(conv, nn.Conv2d) and not isinstance(conv, cls) and is_3x3_same(conv)
+        return isinstance(conv, nn.Conv2d) and not isinstance(conv, cls) and is_3x3(conv)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
