@@ -29,9 +29,13 @@ class MultiLevelRoIAlign(nn.Module):
 
     ``forward(features, boxes)``: features is the list of maps with the given ``strides``
     (N, C, H_l, W_l), boxes a list of per-image (R_i, 4) in input pixels.
-    Returns (sum R_i, C, S, S) in the order of the concatenated boxes. Maps that lie level after
-    level in one channels-last table on the CPU (FPN's P2-P5 when predicting) are pooled in one
-    product for all boxes (``roi_align_pyramid``); others level by level.
+    Returns (sum R_i, C, S, S) in the order of the concatenated boxes. On the CPU, every box is
+    pooled from one table of the levels' rows in one product (``roi_align_pyramid``) when the
+    maps lie level after level in one channels-last buffer (FPN's when predicting), and when
+    training: their rows are then copied into one table (a 256-channel pyramid on 4 maps of
+    64x88 and the levels above: 31 MB), which costs less than putting each level's pooled boxes
+    back in the boxes' order (2048 RoIs of 256 x 7 x 7: 103 MB) and gathering their gradients.
+    Otherwise level by level.
     """
 
     def __init__(self, *, output_size: int, strides: tuple[int, ...], sampling_ratio: int,
@@ -46,15 +50,18 @@ class MultiLevelRoIAlign(nn.Module):
     def forward(self, features: list[Tensor], boxes: list[Tensor]) -> Tensor:
         first = features[0]
         rois = as_rois(boxes, first)  # (R, 5): batch index, x1, y1, x2, y2
-        if len(features) == 1:
+        if len(features) == 1 or rois.shape[0] == 0:
             return self._pool(first, rois, self.strides[0])
         level = assign_levels(rois[:, 1:], self.levels[0], self.levels[-1]) - self.levels[0]
-        grad = torch.is_grad_enabled() and first.requires_grad
-        table = pyramid_table(features) if first.device.type == "cpu" and not grad else None
-        if table is not None and rois.shape[0]:  # every level in one product
-            return roi_align_pyramid(table, [f.shape[-2:] for f in features], rois, level,
-                                     self.output_size, [1 / s for s in self.strides],
-                                     self.sampling_ratio, self.aligned)
+        if first.device.type == "cpu":
+            if torch.is_grad_enabled() and any(f.requires_grad for f in features):
+                table = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in features])
+            else:
+                table = pyramid_table(features)
+            if table is not None:
+                return roi_align_pyramid(table, [f.shape[-2:] for f in features], rois, level,
+                                         self.output_size, [1 / s for s in self.strides],
+                                         self.sampling_ratio, self.aligned)
         # every box gets exactly one level, so each row of ``out`` is written below; in the maps'
         # memory format, so that channels-last rows are copied whole rather than transposed
         cl = first.is_contiguous(memory_format=torch.channels_last)

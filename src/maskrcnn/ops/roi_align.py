@@ -267,19 +267,39 @@ class _RoIAlign(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         n, c, h, w = ctx.input_shape
-        dtype = compute_dtype(grad_out.dtype)
         grad = torch.empty(ctx.input_shape, dtype=ctx.input_dtype, device=grad_out.device,
                            memory_format=ctx.fmt)
-        blocks = _channel_blocks(grad)
-        for i, (k0, k1, s_t) in enumerate(ctx.pieces):
-            for c0, c1 in blocks:
-                g = s_t.mm(_as_rows(grad_out[k0:k1, c0:c1], dtype))  # (N*H*W, block)
-                g = g.view(n, h, w, c1 - c0).permute(0, 3, 1, 2)
-                if i == 0:
-                    grad[:, c0:c1] = g
-                else:
-                    grad[:, c0:c1] += g
+        for c0, c1 in _channel_blocks(grad):
+            g = _unpool(ctx.pieces, grad_out[:, c0:c1])  # (N*H*W, block)
+            grad[:, c0:c1] = g.view(n, h, w, c1 - c0).permute(0, 3, 1, 2)
         return grad, None, None, None, None, None, None
+
+
+class _RoIAlignRows(torch.autograd.Function):
+    """``_pool`` of maps already laid out as one table of rows (T, C), with its gradient."""
+
+    @staticmethod
+    def forward(ctx, table, maps, y, x, needs_grad):
+        dtype = compute_dtype(table.dtype)
+        out, pieces = _pool(lambda c0, c1: table.to(dtype), [(0, table.shape[1])], maps, y, x,
+                            table.dtype, torch.channels_last, needs_grad)
+        ctx.pieces, ctx.table_dtype = pieces, table.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _unpool(ctx.pieces, grad_out).to(ctx.table_dtype), None, None, None, None
+
+
+def _unpool(pieces, grad_out: Tensor) -> Tensor:
+    """``S^T @ grad_out``: the gradient (columns, C) of the rows pooled into (K, C, PH, PW)
+    outputs, summed over the chunks of RoIs, (k0, k1, S^T) each, that ``_pool`` kept."""
+    dtype = compute_dtype(grad_out.dtype)
+    total = None
+    for k0, k1, s_t in pieces:
+        g = s_t.mm(_as_rows(grad_out[k0:k1], dtype))
+        total = g if total is None else total.add_(g)
+    return total
 
 
 def as_rois(boxes, input: Tensor) -> Tensor:
@@ -337,8 +357,8 @@ def roi_align_pyramid(table: Tensor, shapes: list[tuple[int, int]], rois: Tensor
                       output_size: int, scales: list[float], sampling_ratio: int = -1,
                       aligned: bool = False) -> Tensor:
     """RoIAlign of each RoI on its own level of a pyramid stored as one table of rows: what
-    :func:`roi_align` gives level by level, in one product for all RoIs. For prediction on the
-    CPU (no gradient).
+    :func:`roi_align` gives level by level, in one product for all RoIs, already in the RoIs'
+    order. On the CPU; gradients flow to ``table``.
 
     ``table`` (T, C): the levels' maps one after another, channels last, level l's N maps of
     ``shapes[l]`` (H_l, W_l) as N * H_l * W_l rows; ``rois`` (K, 5) as for :func:`roi_align`;
@@ -357,9 +377,8 @@ def roi_align_pyramid(table: Tensor, shapes: list[tuple[int, int]], rois: Tensor
     with torch.autocast(device.type, enabled=False):
         y, x = _taps(rois, (output_size, output_size), (h, w), scale, sampling_ratio, aligned,
                      dtype)
-        out, _ = _pool(lambda c0, c1: table.to(dtype), [(0, table.shape[1])],
-                       (start, w, table.shape[0]), y, x, table.dtype, torch.channels_last, False)
-    return out
+        needs_grad = torch.is_grad_enabled() and table.requires_grad
+        return _RoIAlignRows.apply(table, (start, w, table.shape[0]), y, x, needs_grad)
 
 
 class RoIAlign(nn.Module):
