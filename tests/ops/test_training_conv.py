@@ -221,7 +221,7 @@ def test_use_training_convs_swaps_the_3x3_convs_and_they_still_become_winograds(
 @pytest.mark.parametrize("avx2_only", [False, True])
 def test_large_maps_train_by_winograd_with_the_convs_values_and_gradients(monkeypatch, avx2_only):
     """128 channels on a 64x64 map (4096 pixels): forward and data gradient by Winograd, the
-    weight gradient by ``weight_grad_3x3`` on AVX2-only CPUs and by oneDNN's kernel elsewhere."""
+    weight gradient by ``weight_grad_3x3`` (Winograd's too) on every CPU."""
     monkeypatch.setattr(training_conv, "AVX2_ONLY", avx2_only)
     torch.manual_seed(0)
     plain, fast = plain_and_training_conv(128, 128)
@@ -229,10 +229,27 @@ def test_large_maps_train_by_winograd_with_the_convs_values_and_gradients(monkey
     winograd, products = counting(monkeypatch, "conv3x3"), counting(monkeypatch)
     y_fast, *g_fast = grads(fast, x)
     y_plain, *g_plain = grads(plain, x)
-    assert len(winograd) == 2 and bool(products) == avx2_only
+    assert len(winograd) == 2 and len(products) == 1
     assert y_fast.is_contiguous(memory_format=torch.channels_last)
     for a, b in zip([y_fast, *g_fast], [y_plain, *g_plain]):  # Winograd rounds to ~1e-5 of the scale
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("shape, out_channels, pays", [
+    ((4, 128, 16, 22), 128, True),  # whole tiles but the last column's: 1.09x the pixels
+    ((4, 128, 16, 16), 256, True),  # 1024 pixels of whole tiles
+    ((2, 128, 16, 16), 256, False),  # 512 pixels: too few
+    ((8, 128, 14, 14), 128, False),  # tiles of 16x16, 1.31x the pixels: too many for 128 channels
+    ((8, 256, 14, 14), 256, True),  # ... but not for 256
+    ((8, 256, 14, 14), 128, False),  # the narrower side counts
+    ((4, 64, 64, 88), 64, False),  # 64 channels never
+    ((4, 512, 8, 11), 512, False),  # 352 pixels
+    ((1, 256, 64, 3), 256, False),  # thinner than a tile
+])
+def test_winograd_weight_gradient_rule_on_avx512(shape, out_channels, pays):
+    assert training_conv._winograd_grad_pays(torch.empty(shape), out_channels) == pays
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not training_conv._winograd_grad_pays(torch.empty(shape), out_channels)
 
 
 @pytest.mark.parametrize("shape, autocast", [((1, 128, 32, 32), False), ((1, 64, 64, 64), False),

@@ -36,9 +36,14 @@ trainer computes it another way:
   (ky - 1, kx - 1) is shifting its row by a constant, so each (ky, kx) is one product of dY^T
   by a window of X's rows, with no im2col copy holding each input pixel nine times.
 
-On AVX-512 CPUs oneDNN was as fast or faster than the products on larger maps (a 256-channel
-conv on 4 maps of 16x22: 11.8 ms against 15.0 ms for the patches' product), so they keep its
-kernel; Winograd's weight gradient has not been timed against it there.
+On AVX-512 CPUs oneDNN was as fast or faster than the patches' product on larger maps (a
+256-channel conv on 4 maps of 16x22: 11.8 ms against 15.0 ms on 2 Xeon cores), so they keep its
+kernel but where Winograd's transforms pay (``_winograd_grad_pays``): on 2 Zen 4 EPYC cores
+with AVX-512 they took 0.50x-0.92x of oneDNN's time with 128 channels on 1 to 4 maps of 16x22
+to 200x336, 0.48x-0.69x with 256 on 4 maps of 16x22 to 64x88 and 0.76x-0.91x with 256 on 16
+to 128 RoIs of 14x14; with 64 channels 0.67x-1.94x, no consistent winner; they lost with 128
+on 14x14 (1.29x-1.60x) and on 352 pixels or fewer (1.69x-3.04x). Stride-2 convs keep oneDNN's
+there (the patches' product took 0.90x-1.29x of its time).
 
 **Gradients that are zero at most pixels.** The RPN's losses see only the sampled anchors (256
 per image by default, of tens of thousands), so the gradient of its 3x3 conv's output is
@@ -61,13 +66,29 @@ AVX2_ONLY = torch.backends.cpu.get_cpu_capability() == "AVX2"
 kernel."""
 
 
+def _float32(x: Tensor) -> bool:
+    return x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+
+
 def _winograd_pays(x: Tensor, out_channels: int) -> bool:
     """Whether a float32 training conv of ``x`` (N, C_in, H, W) runs forward and data gradient
     by Winograd: 4096 pixels or more, 128 channels or more in and out, maps at least a tile
     (4 pixels) high and wide."""
     n, c, h, w = x.shape
-    return (x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-            and min(c, out_channels) >= 128 and n * h * w >= 4096 and min(h, w) >= 4)
+    return _float32(x) and min(c, out_channels) >= 128 and n * h * w >= 4096 and min(h, w) >= 4
+
+
+def _winograd_grad_pays(x: Tensor, out_channels: int) -> bool:
+    """Whether, on a CPU with AVX-512, a stride-1 float32 training conv of ``x`` (N, C_in, H, W)
+    takes Winograd's weight gradient rather than oneDNN's: 1024 pixels or more, and tiles that
+    waste little for its width. The transforms cost less beside the products as the channels
+    grow, so the 4x4 tiles may cover up to 1.1 x min(C_in, C_out) / 128 times the map's pixels:
+    128-channel maps must be about whole tiles (16x22), 256-channel ones may be 14x14, and
+    64-channel ones never take it (timings in ``docs/performance.md``)."""
+    n, c, h, w = x.shape
+    tiled = (-(-h // 4) * 4) * (-(-w // 4) * 4)
+    return (_float32(x) and n * h * w >= 1024 and min(h, w) >= 4
+            and tiled * 128 <= 1.1 * h * w * min(c, out_channels))
 
 
 def _few_pixels(x_shape: torch.Size) -> bool:
@@ -221,8 +242,9 @@ def _dense_grads(ctx, grad_out: Tensor, x: Tensor, weight: Tensor, need_x: bool
 
 class TrainingConv2d(SwappedConv2d):
     """A 3x3, padding-1 ``nn.Conv2d`` with stride 1 or 2 that, when training on the CPU, takes
-    the weight gradient from ``weight_grad_3x3`` on AVX2-only CPUs and on batches with no more
-    pixels than input channels. With stride 1 it also runs forward and data gradient by Winograd
+    the weight gradient from ``weight_grad_3x3`` on AVX2-only CPUs, on batches with no more
+    pixels than input channels, and with stride 1 where Winograd's pays (``_winograd_grad_pays``).
+    With stride 1 it also runs forward and data gradient by Winograd
     where that pays (``_winograd_pays``); with ``sparse_grad`` set, both gradients come from
     ``grads_at_pixels`` when the output's gradient is nonzero at no more than a quarter of its
     pixels. Otherwise (and when predicting, and on GPUs) the plain conv. Same parameters and
@@ -235,7 +257,8 @@ class TrainingConv2d(SwappedConv2d):
         if x.device.type == "cpu" and torch.is_grad_enabled() and self.weight.requires_grad:
             stride = self.stride[0]
             winograd = stride == 1 and _winograd_pays(x, self.out_channels)
-            products = AVX2_ONLY or _few_pixels(x.shape)
+            products = (AVX2_ONLY or _few_pixels(x.shape)
+                        or stride == 1 and _winograd_grad_pays(x, self.out_channels))
             sparse_grad = stride == 1 and self.sparse_grad
             if winograd or products or sparse_grad:
                 return _Conv3x3.apply(x, self.weight, self.bias, stride, winograd, products, sparse_grad)
