@@ -244,7 +244,7 @@ def test_large_maps_train_by_winograd_with_the_convs_values_and_gradients(monkey
     ((8, 256, 14, 14), 128, False),  # the narrower side counts
     ((4, 64, 64, 88), 64, False),  # 64 channels never
     ((4, 512, 8, 11), 512, False),  # 352 pixels
-    ((1, 256, 64, 3), 256, False),  # thinner than a tile
+    ((8, 256, 64, 3), 256, False),  # thinner than a tile
 ])
 def test_winograd_weight_gradient_rule_on_avx512(shape, out_channels, pays):
     assert training_conv._winograd_grad_pays(torch.empty(shape), out_channels) == pays
