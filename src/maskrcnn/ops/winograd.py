@@ -39,6 +39,7 @@ _AT = [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 
 # 2 Xeon cores, 256-channel P2 conv, earlier (36, tiles x C) layout: 114 ms; 121 at 96 tiles, 124
 # at 384. 2 EPYC cores, tile-major: no other size faster on every conv (96, 384, 768 tried).
 _TILES_PER_CHUNK = 192
+_FIRST_CALL_PIXELS = 2048  # see WinogradConv2d._first_small_call
 _ONES_COLUMN = 7  # the 6x6 block's (1, 1) entry: its column of the output transform is all ones
 
 
@@ -217,7 +218,8 @@ class WinogradConv2d(SwappedConv2d):
     """A 3x3, stride-1, padding-1 ``nn.Conv2d`` that runs as ``conv3x3`` when it is only
     predicting on the CPU in float32 (no autograd, no autocast); otherwise as the plain conv.
     Same parameters and state dict as the conv it replaces. The transformed filters are computed
-    on first use and kept (4x the weights' memory) until the weights change."""
+    on first use (on a small map, the second: ``_first_small_call``) and kept (4x the weights'
+    memory) until the weights change."""
 
     @classmethod
     def eligible(cls, conv: nn.Module) -> bool:
@@ -227,6 +229,7 @@ class WinogradConv2d(SwappedConv2d):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._transformed = WeightCache(winograd_weights)
+        self._called = False
 
     def fast(self, x: Tensor) -> bool:
         """Whether ``x`` goes through ``conv3x3``: float32 on the CPU, no autocast, no autograd,
@@ -241,12 +244,24 @@ class WinogradConv2d(SwappedConv2d):
     def forward(self, x: Tensor, relu: bool = False, out: Tensor | None = None) -> Tensor:
         """The conv of ``x`` (N, C_in, H, W), through a ReLU if ``relu`` (in the same pass on
         the fast path), written into ``out`` if given (see ``conv3x3``)."""
-        if not self.fast(x):
+        if not self.fast(x) or self._first_small_call(x):
             y = super().forward(x)
             y = F.relu(y, inplace=True) if relu else y
             return y if out is None else out.copy_(y)
         bias = None if self.bias is None else self.bias.detach()
         return conv3x3(x, self._transformed(self.weight), bias, relu, out)
+
+    def _first_small_call(self, x: Tensor) -> bool:
+        """Whether this is the conv's first fast call and on fewer than ``_FIRST_CALL_PIXELS``
+        pixels (N H W): it then runs direct, and the filters are transformed on the next call.
+        On maps that small one call saves less than the transform costs into fresh memory (512
+        channels on 10x42: direct 10.7-13.5 ms, the transform and Winograd 21.4-29.0 ms; on
+        25x42: 22.4-23.4 against 25.9-26.9 ms; 2 Zen 4 cores, fresh processes), and a process
+        that segments one image never needs those filters: R50-FPN's first inference then adds
+        76-138 MiB less memory (res5's filters alone are 113 MB), in about the same time."""
+        first, self._called = not self._called, True
+        n, _, h, w = x.shape
+        return first and n * h * w < _FIRST_CALL_PIXELS
 
 
 def to_mosaic(x: Tensor, across: int) -> Tensor:
