@@ -258,7 +258,8 @@ class WinogradConv2d(SwappedConv2d):
         channels on 10x42: direct 10.7-13.5 ms, the transform and Winograd 21.4-29.0 ms; on
         25x42: 22.4-23.4 against 25.9-26.9 ms; 2 Zen 4 cores, fresh processes), and a process
         that segments one image never needs those filters: R50-FPN's first inference then adds
-        76-138 MiB less memory (res5's filters alone are 113 MB), in about the same time."""
+        76-138 MiB less memory (res5's filters alone are 113 MB), in about the same time or
+        less. That first call rounds as the direct conv does, the later ones as Winograd's."""
         first, self._called = not self._called, True
         n, _, h, w = x.shape
         return first and n * h * w < _FIRST_CALL_PIXELS
