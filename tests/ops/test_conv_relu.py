@@ -85,6 +85,25 @@ def test_conv_relu_stack_of_a_mosaic_equals_one_map_at_a_time(r, h, w, monkeypat
     assert_winograd_close(got.double(), expected)
 
 
+def test_a_small_mosaics_first_pass_is_direct_with_the_same_maps(monkeypatch):
+    """14 maps of 5x7 make a mosaic of 29x23 pixels, under ``_FIRST_CALL_PIXELS``: fresh convs
+    run it direct (no Winograd filters), seams and all, and give each map's own result."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(14, 8, 5, 7, generator=g).contiguous(memory_format=torch.channels_last)
+    convs = [nn.Conv2d(8, 8, 3, padding=1) for _ in range(2)]
+    calls = []
+    monkeypatch.setattr(winograd, "conv3x3", lambda *a: calls.append(1) or conv3x3(*a))
+    with torch.no_grad():
+        for conv in convs:
+            conv.bias.normal_(generator=g)
+        expected = x
+        for conv in convs:
+            expected = F.relu(conv(expected))
+        got = conv_relu_stack(x, [WinogradConv2d.from_conv(c) for c in convs])
+    assert not calls
+    torch.testing.assert_close(got, expected)
+
+
 def test_conv_relu_stack_goes_one_map_at_a_time_for_few_maps_or_in_training(monkeypatch):
     convs = [WinogradConv2d.from_conv(nn.Conv2d(4, 4, 3, padding=1))]
     calls = []
