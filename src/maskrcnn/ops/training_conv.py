@@ -258,7 +258,7 @@ class TrainingConv2d(SwappedConv2d):
             stride = self.stride[0]
             winograd = stride == 1 and _winograd_pays(x, self.out_channels)
             products = (AVX2_ONLY or _few_pixels(x.shape)
-                        or stride == 1 and _winograd_grad_pays(x, self.out_channels))
+                        or (stride == 1 and _winograd_grad_pays(x, self.out_channels)))
             sparse_grad = stride == 1 and self.sparse_grad
             if winograd or products or sparse_grad:
                 return _Conv3x3.apply(x, self.weight, self.bias, stride, winograd, products, sparse_grad)
