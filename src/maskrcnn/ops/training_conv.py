@@ -244,8 +244,8 @@ class TrainingConv2d(SwappedConv2d):
     """A 3x3, padding-1 ``nn.Conv2d`` with stride 1 or 2 that, when training on the CPU, takes
     the weight gradient from ``weight_grad_3x3`` on AVX2-only CPUs, on batches with no more
     pixels than input channels, and with stride 1 where Winograd's pays (``_winograd_grad_pays``).
-    With stride 1 it also runs forward and data gradient by Winograd
-    where that pays (``_winograd_pays``); with ``sparse_grad`` set, both gradients come from
+    With stride 1 it also runs forward and data gradient by Winograd where that pays
+    (``_winograd_pays``); with ``sparse_grad`` set, both gradients come from
     ``grads_at_pixels`` when the output's gradient is nonzero at no more than a quarter of its
     pixels. Otherwise (and when predicting, and on GPUs) the plain conv. Same parameters and
     state dict as the conv it replaces; the same sums, rounded as Winograd's or in another order."""
