@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -10,9 +11,15 @@ def _reference(head: BoxHead, x: torch.Tensor) -> torch.Tensor:
     return F.relu(F.linear(F.relu(h), head.fc7.weight.double(), head.fc7.bias.double()))
 
 
-def test_channels_last_prediction_equals_the_flattened_product():
-    """The fast path's product of channels-last rows by permuted weights equals the matrix
-    product on the (C, S, S)-flattened features that training uses."""
+@pytest.mark.parametrize("onednn", [True, False])
+def test_channels_last_prediction_equals_the_flattened_product(onednn, monkeypatch):
+    """The fast path's product of channels-last rows by permuted weights, through oneDNN's
+    product and ReLU or PyTorch's, equals the matrix product on the (C, S, S)-flattened
+    features that training uses."""
+    from maskrcnn.modeling import box_head
+
+    if not onednn:
+        monkeypatch.setattr(box_head, "fusable", lambda x: False)
     torch.manual_seed(0)
     head = BoxHead(8 * 7 * 7, 32)
     torch.nn.init.normal_(head.fc6.bias)

@@ -4,11 +4,17 @@ import torch
 from maskrcnn.modeling.mask_head import MaskHead, mask_loss
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("channels_last, onednn", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("rois", [0, 6, 37])
-def test_inference_with_labels_gives_each_rois_own_class_channel(channels_last, rois):
-    """The inference path (deconv as a matrix product, own class row only, 16 RoIs at a time)
-    equals the training path's transposed conv and full predictor."""
+def test_inference_with_labels_gives_each_rois_own_class_channel(channels_last, rois, onednn,
+                                                                  monkeypatch):
+    """The inference path (deconv as a matrix product, own class row only, 16 RoIs at a time),
+    through PyTorch's product or, on channels-last RoIs, oneDNN's product and ReLU, equals the
+    training path's transposed conv and full predictor."""
+    from maskrcnn.modeling import mask_head
+
+    if not onednn:
+        monkeypatch.setattr(mask_head, "fusable", lambda x: False)
     torch.manual_seed(0)
     head = MaskHead(16, (16, 16), num_classes=5).eval()
     torch.nn.init.normal_(head.predictor.weight, std=0.1)

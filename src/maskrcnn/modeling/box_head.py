@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maskrcnn.ops import batched_nms, clip_boxes, decode, remove_small_boxes
+from maskrcnn.ops.linear_relu import fusable, linear_relu, packed
 from maskrcnn.ops.weight_cache import WeightCache
 
 
@@ -17,7 +18,9 @@ class BoxHead(nn.Module):
     features in the order they lie in memory, (S, S, C), by a copy of its weights permuted to
     that order, made on first use and kept until they change: no copy of the features into
     (C, S, S) order. 1000 RoIs of 256 x 7 x 7 on two Zen 3 EPYC cores (AVX2): 174 ms, against
-    215 ms with that copy and 2.9 s for the same product as oneDNN's 7 x 7 convolution.
+    215 ms with that copy and 2.9 s for the same product as oneDNN's 7 x 7 convolution. In
+    float32 both layers then run with their ReLUs through oneDNN (``ops.linear_relu``); other
+    layouts keep PyTorch's product, torchvision's.
     Training on more channels-last RoIs than fc6 has outputs permutes the weights the same way
     under autograd, each step, as the smaller of the two copies (2048 RoIs of 256 x 7 x 7 into
     1024 outputs: a training step of R18-FPN took 0.98x-0.99x the time).
@@ -32,11 +35,16 @@ class BoxHead(nn.Module):
             nn.init.kaiming_uniform_(fc.weight, a=1)
             nn.init.zeros_(fc.bias)
         self._fc6_rows = WeightCache(_channels_last_columns)
+        self._fc6_packed = WeightCache(_packed_fc6)
+        self._fc7_packed = WeightCache(packed)
 
     def forward(self, x: Tensor) -> Tensor:
+        channels_last = (x.device.type == "cpu" and x.dim() == 4 and not x.is_contiguous()
+                         and x.is_contiguous(memory_format=torch.channels_last))
+        if channels_last and fusable(x):
+            return self._predict(x)
         weight = None
-        if (x.device.type == "cpu" and x.dim() == 4 and not x.is_contiguous()
-                and x.is_contiguous(memory_format=torch.channels_last)):
+        if channels_last:
             if not torch.is_grad_enabled():
                 weight = self._fc6_rows(self.fc6.weight, x.shape[1:])
             elif len(x) > self.out_features:  # the weights are the smaller copy to make
@@ -47,11 +55,22 @@ class BoxHead(nn.Module):
             x = F.linear(x.permute(0, 2, 3, 1).flatten(1), weight, self.fc6.bias)
         return F.relu(self.fc7(F.relu(x, inplace=True)), inplace=True)
 
+    def _predict(self, x: Tensor) -> Tensor:
+        """Both layers and their ReLUs through oneDNN, on channels-last RoIs (R, C, S, S)."""
+        fc6 = self._fc6_packed(self.fc6.weight, x.shape[1:])
+        x = linear_relu(x.permute(0, 2, 3, 1).flatten(1), fc6, self.fc6.bias)
+        return linear_relu(x, self._fc7_packed(self.fc7.weight), self.fc7.bias)
+
 
 def _channels_last_columns(weight: Tensor, chw: torch.Size) -> Tensor:
     """(D, C*S*S) fully connected weights, columns in (C, S, S) order -> (D, S*S*C), columns
     in the (S, S, C) order of a channels-last RoI's memory."""
     return weight.view(weight.shape[0], *chw).permute(0, 2, 3, 1).flatten(1).contiguous()
+
+
+def _packed_fc6(weight: Tensor, chw: torch.Size) -> Tensor:
+    """fc6's weights packed for ``linear_relu``, their columns in channels-last order."""
+    return packed(_channels_last_columns(weight, chw))
 
 
 class BoxPredictor(nn.Module):
