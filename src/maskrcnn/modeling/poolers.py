@@ -28,7 +28,8 @@ class MultiLevelRoIAlign(nn.Module):
     """RoIAlign of each box on its assigned level.
 
     ``forward(features, boxes)``: features is the list of maps with the given ``strides``
-    (N, C, H_l, W_l), boxes a list of per-image (R_i, 4) in input pixels.
+    (N, C, H_l, W_l), boxes a list of per-image (R_i, 4) in input pixels, or (R, 5) rows
+    ``[batch_index, x1, y1, x2, y2]``.
     Returns (sum R_i, C, S, S) in the order of the concatenated boxes. On the CPU, every box is
     pooled from one table of the levels' rows in one product (``roi_align_pyramid``) when the
     maps lie level after level in one channels-last buffer (FPN's when predicting), and when
@@ -47,7 +48,7 @@ class MultiLevelRoIAlign(nn.Module):
         self.aligned = aligned
         self.levels = [int(math.log2(s)) for s in strides]
 
-    def forward(self, features: list[Tensor], boxes: list[Tensor]) -> Tensor:
+    def forward(self, features: list[Tensor], boxes: list[Tensor] | Tensor) -> Tensor:
         first = features[0]
         rois = as_rois(boxes, first)  # (R, 5): batch index, x1, y1, x2, y2
         if len(features) == 1 or rois.shape[0] == 0:

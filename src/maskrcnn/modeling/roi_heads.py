@@ -9,6 +9,7 @@ from maskrcnn.modeling.box_head import box_losses, detect
 from maskrcnn.modeling.mask_head import mask_loss, mask_targets
 from maskrcnn.modeling.matcher import match, sample_balanced
 from maskrcnn.ops import box_iou, encode
+from maskrcnn.ops.roi_align import as_rois
 
 
 def label_proposals(proposals: Tensor, gt_boxes: Tensor, gt_labels: Tensor, fg_iou: float
@@ -24,6 +25,9 @@ def label_proposals(proposals: Tensor, gt_boxes: Tensor, gt_labels: Tensor, fg_i
     labels = gt_labels[matched.clamp(min=0)].to(torch.int64)
     labels[matched < 0] = 0
     return labels, matched.clamp(min=0)
+
+
+_ROIS_PER_CHUNK = 250  # see RoIHeads._box_head_features
 
 
 class RoIHeads(nn.Module):
@@ -48,9 +52,21 @@ class RoIHeads(nn.Module):
         self.score_thresh, self.nms_thresh = score_thresh, nms_thresh
         self.detections_per_img, self.min_box_size = detections_per_img, min_box_size
 
-    def _box_features(self, features: list[Tensor], boxes: list[Tensor]) -> Tensor:
+    def _box_features(self, features: list[Tensor], boxes: list[Tensor] | Tensor) -> Tensor:
         x = self.box_pooler(features, boxes)
         return x if self.res5 is None else self.res5(x)
+
+    def _box_head_features(self, features: list[Tensor], boxes: list[Tensor]) -> Tensor:
+        """The box head's features (R, D) of the RoIs ``boxes`` (per image (R_i, 4)). When
+        predicting, ``_ROIS_PER_CHUNK`` RoIs at a time: 1000 RoIs pooled to 256 x 7 x 7 are 50
+        MB, which glibc maps afresh on every call and the kernel faults in page by page, where
+        a chunk's 12.5 MB is reused memory. Pooler and head on 1000 RoIs (a 300x1333 image)
+        took 0.94x-0.96x the time on 2 Zen 4 EPYC cores, with no page faults instead of 12251."""
+        if torch.is_grad_enabled():
+            return self.box_head(self._box_features(features, boxes))
+        rois = as_rois(boxes, features[0])
+        return torch.cat([self.box_head(self._box_features(features, rois[i:i + _ROIS_PER_CHUNK]))
+                          for i in range(0, max(len(rois), 1), _ROIS_PER_CHUNK)])
 
     def _mask_features(self, features: list[Tensor], boxes: list[Tensor]) -> Tensor:
         if self.res5 is not None:
@@ -105,8 +121,7 @@ class RoIHeads(nn.Module):
         """Detections per image in input pixels: boxes (D, 4), scores (D,), labels (D,) and
         mask probabilities (D, m, m) of the predicted class; those scoring below ``min_score``
         are dropped before the mask head."""
-        x = self.box_head(self._box_features(features, proposals))
-        class_logits, deltas = self.box_predictor(x)
+        class_logits, deltas = self.box_predictor(self._box_head_features(features, proposals))
         results = []
         for logits, d, p, hw in zip(class_logits.split([len(p) for p in proposals]),
                                     deltas.split([len(p) for p in proposals]), proposals, image_sizes):
