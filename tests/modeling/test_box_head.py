@@ -69,3 +69,21 @@ def test_training_on_more_channels_last_rois_than_outputs_permutes_the_weights(m
         calls.clear()
         for a, b in zip(*results):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_head_that_has_predicted_can_be_copied_and_saved():
+    """Its cached fast-path weights (oneDNN's packed layout, which has no storage to copy) are
+    left behind and made again by the copy."""
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    head = BoxHead(8 * 3 * 3, 6).to(memory_format=torch.channels_last)
+    x = torch.randn(4, 8, 3, 3).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = head(x)
+        buffer = io.BytesIO()
+        torch.save(head, buffer)
+        buffer.seek(0)
+        for clone in (copy.deepcopy(head), torch.load(buffer, weights_only=False)):
+            torch.testing.assert_close(clone(x), expected)

@@ -22,3 +22,32 @@ def test_made_once_and_again_only_when_the_parameter_or_arguments_change():
     torch.testing.assert_close(cache(p, 1), torch.full((3,), 3.0))
     torch.testing.assert_close(cache(p.double(), 1), torch.full((3,), 3.0, dtype=torch.float64))
     assert calls == [2, 2, 1, 1]
+
+
+def test_copies_and_pickles_start_empty_and_make_the_value_again():
+    """A model copied or saved after predicting carries no cached value, which may be a tensor
+    that can be neither copied nor saved (oneDNN's packed weights): here a value whose copying
+    fails. The copy makes its own on first use."""
+    import copy
+    import pickle
+
+    cache = WeightCache(_uncopyable)
+    p = nn.Parameter(torch.ones(2))
+    assert isinstance(cache(p), Uncopyable)
+    for clone in (copy.deepcopy(cache), pickle.loads(pickle.dumps(cache))):
+        assert clone._value is None and isinstance(clone(p), Uncopyable)
+    assert isinstance(cache._value, Uncopyable)  # the original keeps its value
+
+
+class Uncopyable:
+    """A value that refuses to be copied or pickled."""
+
+    def __deepcopy__(self, memo):
+        raise NotImplementedError
+
+    def __reduce__(self):
+        raise NotImplementedError
+
+
+def _uncopyable(weight):
+    return Uncopyable()

@@ -28,3 +28,9 @@ class WeightCache:
         if key != self._key:
             self._key, self._value = key, self.make(param.detach(), *args)
         return self._value
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles start empty and make the value again on first use: a copied
+        parameter is new memory anyway, and some values (oneDNN's packed weights) can be
+        neither copied nor saved."""
+        return {"make": self.make, "_key": None, "_value": None}
