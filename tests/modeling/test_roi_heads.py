@@ -32,5 +32,6 @@ def test_predicting_pools_the_box_rois_in_chunks_with_the_same_features(monkeypa
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     with torch.enable_grad():
         pooled.clear()
-        torch.testing.assert_close(heads._box_head_features(features, boxes), expected, rtol=1e-5, atol=1e-5)
+        got = heads._box_head_features(features, boxes)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
         assert pooled == [sum(counts)]

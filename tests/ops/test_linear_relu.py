@@ -13,7 +13,7 @@ def test_linear_relu_equals_the_product_and_relu(rows, with_bias):
     torch.manual_seed(0)
     x, w, b = torch.randn(rows, 50), torch.randn(24, 50), torch.randn(24)
     bias = b if with_bias else None
-    expected = torch.nn.functional.linear(x.double(), w.double(), None if bias is None else b.double())
+    expected = torch.nn.functional.linear(x.double(), w.double(), b.double() if with_bias else None)
     with torch.no_grad():
         got = linear_relu(x, packed(w), bias)
     assert got.shape == (rows, 24) and got.dtype == torch.float32

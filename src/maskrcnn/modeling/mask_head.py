@@ -58,7 +58,7 @@ class MaskHead(nn.Module):
         and the blocks are put in place on the one-channel result. ``step`` RoIs at a time, in
         one reused buffer (100 RoIs: 37 ms, against 69 ms with the transposed conv). On
         channels-last float32 RoIs on the CPU (the fast path), the product, bias and ReLU are
-        one call to oneDNN (``ops.linear_relu``)."""
+        instead one call to oneDNN (``ops.linear_relu``), into a new buffer each step."""
         r, c, s, _ = x.shape
         d = self.deconv.out_channels
         bias = self.deconv.bias.to(x.dtype)
