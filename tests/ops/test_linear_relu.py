@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from maskrcnn.ops.linear_relu import fusable, linear_relu, packed
+from maskrcnn.ops.linear_relu import (fusable, linear_relu, linear_relu_trained, onednn_float32,
+                                      packed)
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
                                 reason="this build of PyTorch has no oneDNN")
@@ -30,7 +31,7 @@ def test_packed_weights_of_a_transposed_view_are_its_values():
 
 def test_fusable_only_when_predicting_in_float32_on_the_cpu():
     x = torch.randn(3, 4)
-    assert not fusable(x)  # autograd on
+    assert onednn_float32(x) and not fusable(x)  # autograd on
     with torch.no_grad():
         assert fusable(x)
         assert not fusable(x.double())
@@ -38,3 +39,29 @@ def test_fusable_only_when_predicting_in_float32_on_the_cpu():
             assert not fusable(x)
     with torch.inference_mode():
         assert fusable(x)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_trained_linear_relu_values_and_gradients_equal_the_layer_and_relu(with_bias):
+    """Forward and the three gradients, through the ReLU (about half the outputs are cut),
+    against float64 autograd of F.linear and a ReLU."""
+    torch.manual_seed(0)
+    x, w, b = torch.randn(37, 50), torch.randn(24, 50), torch.randn(24)
+    grad = torch.randn(37, 24)
+    results = []
+    for dtype, fn in ((torch.float32, linear_relu_trained),
+                      (torch.float64, lambda *a: torch.nn.functional.linear(*a).relu())):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (x, w, b)]
+        y = fn(leaves[0], leaves[1], leaves[2] if with_bias else None)
+        y.backward(grad.to(dtype))
+        results.append([y] + [t.grad for t in leaves[:3 if with_bias else 2]])
+    assert results[1][0].eq(0).float().mean().item() > 0.3  # the ReLU cuts some outputs
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_trained_linear_relu_skips_the_gradients_not_asked_for():
+    torch.manual_seed(0)
+    x, w = torch.randn(5, 8), torch.randn(6, 8, requires_grad=True)
+    linear_relu_trained(x, w, None).sum().backward()
+    assert x.grad is None and w.grad is not None

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maskrcnn.ops import batched_nms, clip_boxes, decode, remove_small_boxes
-from maskrcnn.ops.linear_relu import fusable, linear_relu, packed
+from maskrcnn.ops.linear_relu import (fusable, linear_relu, linear_relu_trained, onednn_float32,
+                                      packed)
 from maskrcnn.ops.weight_cache import WeightCache
 
 
@@ -23,7 +24,8 @@ class BoxHead(nn.Module):
     layouts keep PyTorch's product, torchvision's.
     Training on more channels-last RoIs than fc6 has outputs permutes the weights the same way
     under autograd, each step, as the smaller of the two copies (2048 RoIs of 256 x 7 x 7 into
-    1024 outputs: a training step of R18-FPN took 0.98x-0.99x the time).
+    1024 outputs: a training step of R18-FPN took 0.98x-0.99x the time); on channels-last
+    float32 RoIs both layers then train through oneDNN's products too.
     """
 
     def __init__(self, in_features: int, fc_dim: int = 1024):
@@ -43,17 +45,19 @@ class BoxHead(nn.Module):
                          and x.is_contiguous(memory_format=torch.channels_last))
         if channels_last and fusable(x):
             return self._predict(x)
-        weight = None
+        rows, weight = x.flatten(1), self.fc6.weight
         if channels_last:
             if not torch.is_grad_enabled():
                 weight = self._fc6_rows(self.fc6.weight, x.shape[1:])
             elif len(x) > self.out_features:  # the weights are the smaller copy to make
                 weight = _channels_last_columns(self.fc6.weight, x.shape[1:])
-        if weight is None:
-            x = self.fc6(x.flatten(1))
-        else:
-            x = F.linear(x.permute(0, 2, 3, 1).flatten(1), weight, self.fc6.bias)
-        return F.relu(self.fc7(F.relu(x, inplace=True)), inplace=True)
+            if weight is not self.fc6.weight:
+                rows = x.permute(0, 2, 3, 1).flatten(1)
+            if torch.is_grad_enabled() and onednn_float32(x):
+                x = linear_relu_trained(rows, weight, self.fc6.bias)
+                return linear_relu_trained(x, self.fc7.weight, self.fc7.bias)
+        x = F.relu(F.linear(rows, weight, self.fc6.bias), inplace=True)
+        return F.relu(self.fc7(x), inplace=True)
 
     def _predict(self, x: Tensor) -> Tensor:
         """Both layers and their ReLUs through oneDNN, on channels-last RoIs (R, C, S, S)."""
