@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 
 def onednn_float32(x: Tensor) -> bool:
@@ -49,6 +50,8 @@ def linear_relu_trained(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tenso
 
 
 class _LinearReLU(torch.autograd.Function):
+    """relu(x @ W^T + bias) and its gradients through the ReLU, each one oneDNN product."""
+
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         y = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu", [], "")
@@ -57,6 +60,7 @@ class _LinearReLU(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: Tensor):
         x, weight, y = ctx.saved_tensors
         grad = grad.masked_fill(y <= 0, 0)  # through the ReLU
