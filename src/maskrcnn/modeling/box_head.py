@@ -45,17 +45,16 @@ class BoxHead(nn.Module):
                          and x.is_contiguous(memory_format=torch.channels_last))
         if channels_last and fusable(x):
             return self._predict(x)
-        rows, weight = x.flatten(1), self.fc6.weight
+        weight = self.fc6.weight
         if channels_last:
             if not torch.is_grad_enabled():
                 weight = self._fc6_rows(self.fc6.weight, x.shape[1:])
             elif len(x) > self.out_features:  # the weights are the smaller copy to make
                 weight = _channels_last_columns(self.fc6.weight, x.shape[1:])
-            if weight is not self.fc6.weight:
-                rows = x.permute(0, 2, 3, 1).flatten(1)
-            if torch.is_grad_enabled() and onednn_float32(x):
-                x = linear_relu_trained(rows, weight, self.fc6.bias)
-                return linear_relu_trained(x, self.fc7.weight, self.fc7.bias)
+        rows = x.flatten(1) if weight is self.fc6.weight else x.permute(0, 2, 3, 1).flatten(1)
+        if channels_last and torch.is_grad_enabled() and onednn_float32(x):
+            x = linear_relu_trained(rows, weight, self.fc6.bias)
+            return linear_relu_trained(x, self.fc7.weight, self.fc7.bias)
         x = F.relu(F.linear(rows, weight, self.fc6.bias), inplace=True)
         return F.relu(self.fc7(x), inplace=True)
 

@@ -39,7 +39,13 @@ def packed(weight: Tensor) -> Tensor:
 
 def linear_relu(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """relu(x @ W^T + bias), (R, D_out), for ``x`` (R, D_in) and ``weight`` = ``packed(W)``."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu", [], "")
+    return _product(x, weight, bias, relu=True)
+
+
+def _product(x: Tensor, weight: Tensor, bias: Tensor | None = None, relu: bool = False) -> Tensor:
+    """x @ W^T + bias, through a ReLU if ``relu``, by oneDNN; W (D_out, D_in) packed or plain
+    (a plain one, or a view of one, is reordered on each call)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu" if relu else "none", [], "")
 
 
 def linear_relu_trained(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -54,7 +60,7 @@ class _LinearReLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        y = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu", [], "")
+        y = _product(x, weight, bias, relu=True)
         ctx.save_for_backward(x, weight, y)
         ctx.has_bias = bias is not None
         return y
@@ -64,12 +70,11 @@ class _LinearReLU(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         x, weight, y = ctx.saved_tensors
         grad = grad.masked_fill(y <= 0, 0)  # through the ReLU
-        product = torch.ops.mkldnn._linear_pointwise
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = product(grad, weight.t(), None, "none", [], "")  # (R, D_out) @ W
+            grad_x = _product(grad, weight.t())  # (R, D_out) @ W
         if ctx.needs_input_grad[1]:
-            grad_w = product(grad.t(), x.t(), None, "none", [], "")  # (D_out, R) @ x
+            grad_w = _product(grad.t(), x.t())  # (D_out, R) @ x
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum(0)
         return grad_x, grad_w, grad_b
