@@ -52,6 +52,22 @@ def test_torchvision_mode_is_exact(seed, dtype):
     assert torch.equal(paste_masks(masks, boxes, (200, 300), threshold=0.7), expected > 0.7)
 
 
+def test_masks_set_in_a_few_rows_or_none_paste_exactly():
+    """Maps zero but for a band of rows (and one wholly zero): the binary pastes, which write only
+    the rows that hold a set pixel, equal torchvision's and the full-image reference."""
+    masks, boxes = cases(6)
+    masks[:, :9] = 0
+    masks[:, 15:] = 0
+    masks[3] = 0
+    expected = tv_roi_heads.paste_masks_in_image(masks[:, None], boxes, (200, 300))[:, 0] > 0.5
+    hard = paste_masks(masks, boxes, (200, 300))
+    assert torch.equal(hard, expected) and not hard[3].any()
+    assert hard.any(2).sum() < hard[:, :, 0].numel() / 4  # most rows hold no set pixel
+    keep = [i for i in range(len(boxes)) if i != 4]  # D2 divides by zero for a point
+    expected = detectron2_reference(masks[keep], boxes[keep], (200, 300)) >= 0.5
+    assert torch.equal(paste_masks(masks[keep], boxes[keep], (200, 300), mode="detectron2"), expected)
+
+
 def test_detectron2_mode_matches_full_image_grid_sample():
     masks, boxes = cases(3)
     boxes = boxes[[i for i in range(len(boxes)) if i != 4]]  # D2 divides by zero for a point
@@ -147,3 +163,18 @@ def test_memory_is_committed_only_around_the_boxes():
     assert out.shape == (100, 3000, 4000) and bool(out[:, 215, 120].all())
     assert int(out[7].sum()) == int(out[7, 190:240, 90:150].sum()) > 0
     out[0, 0, 0] = True  # writable
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads Linux's /proc")
+def test_empty_masks_commit_no_memory():
+    """10 tall boxes in 4000-pixel-wide images: each row of a box lies on its own page, so a mask
+    set over its box commits about 8 MB and an empty one nothing."""
+    boxes = torch.tensor([[100.0, 100.0, 140.0, 2100.0]]).repeat(10, 1)
+    used = []
+    for value in (0.0, 1.0):
+        before = resident_mb()
+        out = paste_masks(torch.full((10, 28, 28), value), boxes, (3000, 4000))
+        used.append(resident_mb() - before)
+        assert bool(out.any()) == bool(value)
+        del out
+    assert used[0] < 8 and used[1] > 40
