@@ -64,8 +64,9 @@ def test_masks_set_in_a_few_rows_or_none_paste_exactly():
     assert torch.equal(hard, expected) and not hard[3].any()
     assert hard.any(2).sum() < hard[:, :, 0].numel() / 4  # most rows hold no set pixel
     keep = [i for i in range(len(boxes)) if i != 4]  # D2 divides by zero for a point
-    expected = detectron2_reference(masks[keep], boxes[keep], (200, 300)) >= 0.5
-    assert torch.equal(paste_masks(masks[keep], boxes[keep], (200, 300), mode="detectron2"), expected)
+    masks, boxes = masks[keep], boxes[keep]
+    expected = detectron2_reference(masks, boxes, (200, 300)) >= 0.5
+    assert torch.equal(paste_masks(masks, boxes, (200, 300), mode="detectron2"), expected)
 
 
 def test_detectron2_mode_matches_full_image_grid_sample():
