@@ -164,4 +164,3 @@ def test_memory_is_committed_only_around_the_boxes():
     assert out.shape == (100, 3000, 4000) and bool(out[:, 215, 120].all())
     assert int(out[7].sum()) == int(out[7, 190:240, 90:150].sum()) > 0
     out[0, 0, 0] = True  # writable
-
