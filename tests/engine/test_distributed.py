@@ -1,6 +1,7 @@
 """Two CPU processes on gloo: one DDP step equals one process on the same global batch, and the
 trainer runs under two processes with rank 0 alone writing files."""
 
+import gc
 import json
 import os
 import socket
@@ -59,6 +60,11 @@ def ddp_step_worker(rank, port, out):
     dist.barrier()
     save_file({**grads, **weights, "mean": torch.tensor([mean["a"], mean["b"]]),
                "decided": torch.tensor(decided)}, str(out / f"rank{rank}.safetensors"))
+    # The DDP wrapper goes before the group does: left to the interpreter's exit, its teardown
+    # aborted the process ("terminate called without an active exception") in 5 of 115 runs;
+    # freed here, in none of 70.
+    del model
+    gc.collect()
     torch_dist.destroy_process_group()
 
 
