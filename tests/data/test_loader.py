@@ -80,6 +80,27 @@ def test_the_datasets_own_transforms_are_seeded_too(shapes):
         shapes.transforms = None
 
 
+class _TransformingItself(torch.utils.data.Dataset):
+    """A data set that applies its ``transforms`` in ``__getitem__`` and has no ``load``."""
+
+    transforms = TrainTransform(flip_prob=1.0)
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        image = torch.arange(3, dtype=torch.uint8).view(1, 1, 3).expand(3, 2, 3).clone()
+        return self.transforms(image, {"boxes": torch.zeros(0, 4), "image_id": index})
+
+
+def test_a_data_set_that_transforms_itself_is_not_augmented_again():
+    flipped = torch.tensor([2, 1, 0], dtype=torch.uint8)
+    for images, _ in take(build_train_loader(_TransformingItself(), batch_size=2, seed=0), 4):
+        assert all(torch.equal(im[0, 0], flipped) for im in images)  # never flipped back
+    for images, _ in build_test_loader(_TransformingItself(), batch_size=2):
+        assert all(torch.equal(im[0, 0], flipped) for im in images)
+
+
 def test_ranks_partition_each_global_batch(shapes):
     whole = take(build_train_loader(shapes, batch_size=4, seed=9), 6)
     ranks = [take(build_train_loader(shapes, batch_size=2, seed=9, rank=r, world_size=2), 6) for r in range(2)]

@@ -234,3 +234,43 @@ def test_what_the_checker_accepts_evaluates_with_the_same_masks_as_training(tmp_
     for source in (path, ds.ground_truth()):
         metrics = coco_metrics(source, results)
         assert metrics["bbox"]["AP"] == pytest.approx(1.0) and metrics["segm"]["AP"] == pytest.approx(1.0)
+
+
+def test_truncated_thin_flat_huge_and_orphaned_records_are_named(tmp_path):
+    images = [{"id": 1, "file_name": "ok.png", "height": 40, "width": 50},
+              {"id": 2, "file_name": "cut.jpg", "height": 40, "width": 50},
+              {"id": 3, "file_name": "nowidth.png", "height": 40}]
+    a = {"image_id": 1, "category_id": 7}
+    annotations = [
+        {**a, "id": 1, "bbox": [20.25, 4, 0.00001, 20]},  # no width left once in float32
+        {**a, "id": 2, "bbox": [49.995, 4, 5, 20]},  # 0.005 px of it inside the image
+        {**a, "id": 3, "bbox": [1, 1, 5, 5], "segmentation": [1, 1, 6, 1, 6, 6]},  # one polygon, unwrapped
+        {**a, "id": 4, "bbox": [1, 1, 5, 10 ** 400]},
+        {**a, "id": 5, "bbox": [1, 1, 5, 5], "image_id": 3},
+        {**a, "id": 6, "bbox": [1, 1, 5, 5.5]},
+    ]
+    path, img_dir = write_coco(tmp_path, images[:1], annotations)
+    data = json.loads(path.read_text())
+    data["images"] = images
+    path.write_text(json.dumps(data))
+    pixels = np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(img_dir / "cut.jpg", quality=95)
+    whole = (img_dir / "cut.jpg").read_bytes()
+    (img_dir / "cut.jpg").write_bytes(whole[: len(whole) * 2 // 3])
+    lines = [str(p)[len(f"{path}: "):] for p in check_coco(path, img_dir)]
+    huge, cut = lines.pop(4), lines.pop()  # the number is shortened; the bytes left depend on libjpeg
+    assert huge.startswith("annotation 4 (image 1): bbox [1, 1, 5, 1000") and huge.endswith(
+        "... must be four finite numbers [x, y, width, height]")
+    assert lines == [
+        "image 3 (nowidth.png): missing key(s) width; an image needs id, file_name, height and width",
+        "annotation 1 (image 1): bbox [20.25, 4, 1e-05, 20] has width 1e-05 px inside the image, under "
+        "the 0.01 px a box needs; fix its size or remove the annotation",
+        "annotation 2 (image 1): bbox [49.995, 4, 5, 20] has width 0.005 px inside the image, under "
+        "the 0.01 px a box needs; fix its size or remove the annotation",
+        "annotation 3 (image 1): segmentation is one flat list of numbers; it must be a list of "
+        "polygons: wrap it as [[x0, y0, x1, y1, ...]]",
+        "annotation 5 (image 3): the record of image 3 is invalid (see its own problem); fix that image "
+        "record",
+    ]
+    assert cut.startswith(f"image 2 (cut.jpg): {img_dir / 'cut.jpg'} cannot be read as an image (OSError: "
+                          "image file is truncated") and cut.endswith("replace or remove it")

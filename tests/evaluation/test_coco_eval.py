@@ -90,6 +90,15 @@ def test_a_callable_mapping_equals_the_id_list(gt_file):
         predictions_to_coco(outputs, [1, 2, 3], [3, 7])
 
 
+def test_a_label_without_a_category_id_is_refused_by_name(gt_file):
+    outputs = perfect_outputs(gt_file)
+    with pytest.raises(ValueError, match=r"label 2 has no category id: the 1 ids given map labels 1..1"):
+        predictions_to_coco(outputs, [1, 2, 3], [3])
+    outputs[0]["labels"] = torch.zeros_like(outputs[0]["labels"])
+    with pytest.raises(ValueError, match="label 0 has no category id"):
+        predictions_to_coco(outputs, [1, 2, 3], [3, 7])
+
+
 def test_swapped_category_ids_score_zero(gt_file):
     """The classic mix-up: model labels written as category ids."""
     results = predictions_to_coco(perfect_outputs(gt_file), [1, 2, 3], [7, 3])
@@ -193,6 +202,16 @@ def test_evaluate_runs_the_model_and_writes_a_loadable_results_file(gt_file, tmp
     COCO(str(gt_file)).loadRes(str(tmp_path / "out" / "r.json"))
     table = format_table(metrics)
     assert "cat" in table and "dog" in table and "100.0" in table
+
+
+def test_evaluate_refuses_a_model_with_another_number_of_classes(gt_file, tmp_path):
+    from maskrcnn.data.coco import CocoDataset
+
+    model = GroundTruthModel(perfect_outputs(gt_file))
+    model.num_classes = 90
+    with pytest.raises(ValueError, match="the model predicts 90 classes but 2 category ids were given"):
+        evaluate(model, CocoDataset(gt_file, tmp_path), progress=False)
+    assert model.calls == 0  # refused before running
 
 
 def write_json(path, data):

@@ -128,7 +128,8 @@ class _Augmented(Dataset):
         self.dataset = dataset
         own = getattr(dataset, "transforms", None)
         self.split = own is not None and hasattr(dataset, "load")
-        self.transform = own if self.split else TrainTransform(flip_prob)
+        # with transforms of its own but no ``load``, ``dataset[i]`` already applies them
+        self.transform = TrainTransform(flip_prob) if own is None else own if self.split else None
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -138,7 +139,7 @@ class _Augmented(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             image, target = self.dataset.load(index) if self.split else self.dataset[index]
-            return self.transform(image, target)
+            return (image, target) if self.transform is None else self.transform(image, target)
 
 
 def build_train_loader(dataset, *, batch_size: int, num_workers: int = 0, aspect_ratio_grouping: bool = True,
@@ -146,8 +147,9 @@ def build_train_loader(dataset, *, batch_size: int, num_workers: int = 0, aspect
                        flip_prob: float = 0.5) -> Iterator[tuple[list, list]]:
     """An endless iterator of this rank's ``(images, targets)`` from iteration ``start_iter`` on.
 
-    Augmentation: the dataset's own ``transforms`` if it has them (applied to ``dataset.load(i)``),
-    else ``TrainTransform(flip_prob)``; either is seeded per (seed, iteration, position).
+    Augmentation: the dataset's own ``transforms`` if it has them (applied to ``dataset.load(i)``,
+    or by ``dataset[i]`` itself when it has no ``load``), else ``TrainTransform(flip_prob)``; either
+    is seeded per (seed, iteration, position).
     Orientation groups come from ``dataset.aspect_ratios()`` when the dataset has it.
 
     >>> loader = build_train_loader(dataset, batch_size=4, seed=0)  # doctest: +SKIP
@@ -176,7 +178,8 @@ class _Plain(Dataset):
 
 
 def build_test_loader(dataset, batch_size: int = 1, num_workers: int = 0) -> DataLoader:
-    """``(images, targets)`` batches in data set order, without augmentation.
+    """``(images, targets)`` batches in data set order, without augmentation: ``dataset.load(i)``
+    where the data set has it, else ``dataset[i]`` as it is.
 
     >>> for images, targets in build_test_loader(dataset):  # doctest: +SKIP
     ...     outputs = model(images)

@@ -133,7 +133,12 @@ def _is_int(v) -> bool:
 
 
 def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _fmt(values) -> str:
@@ -155,6 +160,7 @@ class _Checker:
         self.data, self.name = data, name
         self.problems: list[Problem] = []
         self.images: dict = {}  # id -> first record with that id
+        self.invalid_images: set = set()  # ids of image records with problems of their own
         self.categories: set = set()
 
     def run(self) -> list[Problem]:
@@ -194,6 +200,7 @@ class _Checker:
             record += f" ({img['file_name']})"
         missing = [key for key in ("id", "file_name", "height", "width") if key not in img]
         if missing:
+            self._invalid(iid)
             return self._add(record, "keys", f"missing key(s) {', '.join(missing)}; an image needs "
                              "id, file_name, height and width", where)
         wrong = [key for key, ok in (("id", _is_int(iid)),
@@ -201,6 +208,7 @@ class _Checker:
                                      ("height", _is_positive_int(img["height"])),
                                      ("width", _is_positive_int(img["width"]))) if not ok]
         if wrong:
+            self._invalid(iid)
             return self._add(record, "type", "; ".join(f"{key} {_show(img[key])} is invalid" for key in wrong)
                              + "; id, height and width must be positive integers and file_name a path",
                              where, image_id=iid if _is_int(iid) else None)
@@ -209,6 +217,10 @@ class _Checker:
                              f"{self.images[iid]['file_name']}); give every image its own id",
                              where, image_id=iid)
         self.images[iid] = img
+
+    def _invalid(self, image_id) -> None:
+        if _is_int(image_id):
+            self.invalid_images.add(image_id)
 
     def _annotation(self, k: int, ann, seen: set) -> None:
         where = ("annotations", k)
@@ -237,7 +249,10 @@ class _Checker:
             found.append(("duplicate-id", f"duplicate annotation id {aid}; give every annotation its own id"))
         seen.add(aid)
         image = self.images.get(iid)
-        if image is None:
+        if image is None and iid in self.invalid_images:
+            found.append(("image-invalid", f"the record of image {iid} is invalid (see its own problem); "
+                                           "fix that image record"))
+        elif image is None:
             found.append(("unknown-image", f"image_id {iid} is not in 'images'; add the image or remove "
                                            "the annotation"))
         if not _is_int(ann["category_id"]) or ann["category_id"] not in self.categories:
@@ -270,6 +285,11 @@ def _is_positive_int(v) -> bool:
     return _is_number(v) and v > 0 and float(v).is_integer()
 
 
+_MIN_BOX_SIDE = 0.01
+"""The least width and height (pixels) of a box's part inside its image: a thinner box has no
+area in float32, no overlap with any anchor and no finite regression target."""
+
+
 def _bbox_problems(bbox, image: dict | None) -> list[tuple[str, str]]:
     if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
         return [("bbox-type", f"bbox {_show(bbox)} must be four finite numbers [x, y, width, height]")]
@@ -291,6 +311,11 @@ def _bbox_problems(bbox, image: dict | None) -> list[tuple[str, str]]:
     if x >= width or y >= height or x + w <= 0 or y + h <= 0:
         return [("bbox-outside", f"bbox {_fmt(bbox)} lies entirely outside the {width}x{height} image; "
                                  "fix its coordinates or remove the annotation")]
+    inside = {"width": min(x + w, width) - max(x, 0), "height": min(y + h, height) - max(y, 0)}
+    thin = [f"{side} {size:.2g}" for side, size in inside.items() if size < _MIN_BOX_SIDE]
+    if thin:
+        return [("bbox-size", f"bbox {_fmt(bbox)} has {' and '.join(thin)} px inside the image, under "
+                              f"the {_MIN_BOX_SIDE} px a box needs; fix its size or remove the annotation")]
     return []
 
 
@@ -298,6 +323,9 @@ def _segmentation_problems(seg, image: dict | None) -> list[tuple[str, str]]:
     if seg is None or seg == []:
         return []  # the box stands in for the mask
     if isinstance(seg, list):
+        if _numbers(seg):
+            return [("polygon", "segmentation is one flat list of numbers; it must be a list of polygons: "
+                                "wrap it as [[x0, y0, x1, y1, ...]]")]
         out = []
         for k, poly in enumerate(seg):
             if not _numbers(poly):
@@ -405,6 +433,8 @@ def _image_file_problem(path: Path, img: dict) -> tuple[str, str] | None:
         with Image.open(path) as im:
             stored = im.size
             orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+            im.draft("RGB", (1, 1))  # JPEG decodes at 1/8 scale, still reading every byte
+            im.load()  # verify() checks some formats only: a truncated JPEG fails here
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for damaged files
         return "image-corrupt", f"{path} cannot be read as an image ({type(exc).__name__}: " \
                                 f"{str(exc)[:80]}); replace or remove it"

@@ -37,7 +37,7 @@ from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 
 from maskrcnn.data.coco import box_polygon
-from maskrcnn.structures.masks import mask_extent
+from maskrcnn.structures.masks import RLEMasks, mask_extent
 
 STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 IOU_TYPES = ("bbox", "segm")
@@ -111,6 +111,9 @@ def predictions_to_coco(outputs: Sequence[dict], image_ids: Sequence[int],
         category_ids = list(label_to_category)
 
         def to_category(label: int) -> int:
+            if not 1 <= label <= len(category_ids):
+                raise ValueError(f"label {label} has no category id: the {len(category_ids)} ids given "
+                                 f"map labels 1..{len(category_ids)}; pass one id per class of the model")
             return category_ids[label - 1]
 
     results = []
@@ -125,18 +128,6 @@ def predictions_to_coco(outputs: Sequence[dict], image_ids: Sequence[int],
                 result["segmentation"] = rle
             results.append(result)
     return results
-
-
-def _segmentation_area(segmentation, image: dict) -> float:
-    """Pixel area of a COCO segmentation: polygons, compressed or uncompressed RLE."""
-    height, width = image["height"], image["width"]
-    if isinstance(segmentation, list):
-        rle = mask_util.merge(mask_util.frPyObjects(segmentation, height, width))
-    elif isinstance(segmentation["counts"], list):
-        rle = mask_util.frPyObjects(segmentation, height, width)
-    else:
-        rle = segmentation
-    return float(mask_util.area(rle))
 
 
 def _complete_annotation(ann: dict, image: dict | None) -> dict:
@@ -158,7 +149,8 @@ def _complete_annotation(ann: dict, image: dict | None) -> dict:
     if "area" not in ann:
         w, h = ann["bbox"][2:]
         has_mask = bool(segmentation) and image is not None
-        out["area"] = _segmentation_area(segmentation, image) if has_mask else float(w * h)
+        out["area"] = (float(RLEMasks.from_segmentations([segmentation], image["height"], image["width"])
+                             .area()[0]) if has_mask else float(w * h))
     if not segmentation and image is not None:
         out["segmentation"] = box_polygon(ann["bbox"], image["width"], image["height"])
     return out
@@ -261,6 +253,11 @@ def evaluate(model: torch.nn.Module, dataset, *, batch_size: int = 1, device: st
 
     from maskrcnn.data.loader import build_test_loader
 
+    category_ids = list(category_ids or dataset.category_ids)
+    classes = getattr(model, "num_classes", len(category_ids))
+    if classes != len(category_ids):
+        raise ValueError(f"the model predicts {classes} classes but {len(category_ids)} category ids were "
+                         "given (default: the data set's); pass category_ids, one per class of the model")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -272,7 +269,7 @@ def evaluate(model: torch.nn.Module, dataset, *, batch_size: int = 1, device: st
                 outputs = model([im.to(device) for im in images])
                 outputs = [{k: v.cpu() for k, v in o.items()} for o in outputs]
                 results += predictions_to_coco(outputs, [t["image_id"] for t in targets],
-                                               category_ids or dataset.category_ids)
+                                               category_ids)
     finally:
         model.train(was_training)
     if out_json:
