@@ -422,6 +422,13 @@ def check_image_files(data: dict, name: str, image_dir: str | Path, *, threads: 
     return [p for p in found if p is not None]
 
 
+def _ends_with(path: Path, marker: bytes) -> bool:
+    """Whether the file ends with ``marker`` (a whole JPEG ends with its end-of-image marker)."""
+    with open(path, "rb") as f:
+        f.seek(-len(marker), 2)
+        return f.read() == marker
+
+
 def _image_file_problem(path: Path, img: dict) -> tuple[str, str] | None:
     if not path.is_file():
         return "image-missing", f"file not found at {path}; check file_name and the image directory"
@@ -433,8 +440,10 @@ def _image_file_problem(path: Path, img: dict) -> tuple[str, str] | None:
         with Image.open(path) as im:
             stored = im.size
             orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
-            im.draft("RGB", (1, 1))  # JPEG decodes at 1/8 scale, still reading every byte
-            im.load()  # verify() checks some formats only: a truncated JPEG fails here
+            if not (im.format == "JPEG" and _ends_with(path, b"\xff\xd9")):
+                # verify() checks some formats only; decoding finds a truncated JPEG, BMP or TIFF
+                im.draft("RGB", (1, 1))  # a JPEG decodes at 1/8 scale, still reading every byte
+                im.load()
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for damaged files
         return "image-corrupt", f"{path} cannot be read as an image ({type(exc).__name__}: " \
                                 f"{str(exc)[:80]}); replace or remove it"
