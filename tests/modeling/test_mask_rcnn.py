@@ -37,6 +37,25 @@ def test_train_step_and_inference_shapes(fpn):
             assert o["boxes"][:, 2].max() <= w and o["boxes"][:, 3].max() <= h
 
 
+@pytest.mark.parametrize("fast", [False, True])
+def test_eval_with_gradients_on_predicts_as_without_and_is_differentiable(fast):
+    """``model.eval()(images)`` outside ``torch.no_grad``, as a user may call it, on the plain
+    model and on the one ``optimize_for_inference`` made."""
+    torch.manual_seed(0)
+    model = build_model(small_cpu_model(num_classes=3)).eval()
+    if fast:
+        model.optimize_for_inference()
+    image = torch.rand(3, 120, 150)
+    with torch.no_grad():
+        expected = model([image])[0]
+    out = model([image])[0]
+    assert len(expected["boxes"]) > 0
+    for key in ("boxes", "scores", "labels", "masks"):
+        torch.testing.assert_close(out[key].detach(), expected[key], rtol=1e-4, atol=1e-4)
+    out["scores"].sum().backward()
+    assert model.roi_heads.box_predictor.cls_score.weight.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("score_thresh", [0.0, 1.0])  # every candidate kept / none (kept: score > thresh)
 def test_mask_probabilities_have_one_shape_with_or_without_detections(monkeypatch, score_thresh):
     """C4 with a 16-pixel mask pooler: res5 halves it to 8, the deconvolution doubles it back."""

@@ -43,13 +43,14 @@ class MaskHead(nn.Module):
         """(R, C, S, S) -> logits (R, K, 2S, 2S); with ``labels`` (R,) in 1..K, only each
         RoI's own class channel (R, 2S, 2S), which is all inference needs. Float32 under bf16."""
         x = conv_relu_stack(x, self.convs)
-        if labels is not None:
-            return self._own_class_logits(x, labels)
+        if labels is not None and not torch.is_grad_enabled():
+            return self._own_class_logits(x, labels)  # writes into buffers autograd cannot follow
         # The bias is added apart: PyTorch's CPU kernel takes longer over a transposed conv's
         # bias gradient than over the rest of its backward (4.3 against 1.5 ms for 16 RoIs in bf16).
         x = F.conv_transpose2d(x, self.deconv.weight, stride=2)
         x = F.relu(x.add_(self.deconv.bias.to(x.dtype)[:, None, None]), inplace=True)
-        return self.predictor(x).float()
+        logits = self.predictor(x).float()
+        return logits if labels is None else logits[torch.arange(len(labels)), labels - 1]
 
     def _own_class_logits(self, x: Tensor, labels: Tensor, step: int = 16) -> Tensor:
         """(R, C, S, S), labels (R,) -> (R, 2S, 2S). A 2x2 stride-2 deconv's outputs do not
