@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from maskrcnn.modeling.box_head import BoxHead
+from maskrcnn.modeling.box_head import BoxHead, detect
 
 
 def _reference(head: BoxHead, x: torch.Tensor) -> torch.Tensor:
@@ -87,3 +87,18 @@ def test_a_head_that_has_predicted_can_be_copied_and_saved():
         buffer.seek(0)
         for clone in (copy.deepcopy(head), torch.load(buffer, weights_only=False)):
             torch.testing.assert_close(clone(x), expected)
+
+
+def test_empty_detections_are_dropped_before_nms_or_after_the_top_k():
+    """A proposal beyond the image clips to an empty box. torchvision's rule (``min_size`` > 0)
+    drops it before the NMS, so the other box is the one detection; Detectron2's (0) lets it
+    take the one place and then drops it, leaving none."""
+    proposals = torch.tensor([[120.0, 10, 150, 40], [10.0, 10, 50, 40]])
+    logits = torch.tensor([[0.0, 6.0], [0.0, 5.0]])  # the empty box scores higher
+    kw = dict(weights=(10.0, 10.0, 5.0, 5.0), score_thresh=0.05, nms_thresh=0.5)
+    boxes, scores, labels = detect(logits, torch.zeros(2, 4), proposals, (100, 100), topk=1, min_size=1e-2, **kw)
+    assert boxes.tolist() == [[10.0, 10.0, 50.0, 40.0]] and labels.tolist() == [1]
+    boxes, _, _ = detect(logits, torch.zeros(2, 4), proposals, (100, 100), topk=1, min_size=0.0, **kw)
+    assert boxes.shape == (0, 4)
+    boxes, _, _ = detect(logits, torch.zeros(2, 4), proposals, (100, 100), topk=2, min_size=0.0, **kw)
+    assert boxes.tolist() == [[10.0, 10.0, 50.0, 40.0]]

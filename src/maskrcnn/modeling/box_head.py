@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from maskrcnn.ops import batched_nms, clip_boxes, decode, remove_small_boxes
+from maskrcnn.ops import batched_nms, clip_boxes, decode, non_empty_boxes, remove_small_boxes
 from maskrcnn.ops.linear_relu import (fusable, linear_relu, linear_relu_trained, onednn_float32,
                                       packed)
 from maskrcnn.ops.weight_cache import WeightCache
@@ -114,7 +114,10 @@ def detect(class_logits: Tensor, deltas: Tensor, proposals: Tensor, image_hw: tu
 
     class_logits (R, K+1), deltas (R, 4K), proposals (R, 4). Every (proposal, class) pair gets
     its own decoded box; pairs scoring above ``score_thresh`` go through per-class NMS and the
-    best ``topk`` remain. Returns boxes (D, 4), scores (D,), labels (D,) in 1..K.
+    best ``topk`` remain. With ``min_size`` > 0, boxes with a side under it are dropped before
+    the NMS (torchvision); with 0, empty boxes are dropped after it (Detectron2's
+    ``detector_postprocess``), so that they may take places among the ``topk``, as there.
+    Returns boxes (D, 4), scores (D,), labels (D,) in 1..K.
     """
     num_classes = class_logits.shape[1] - 1
     boxes = decode(deltas, proposals, weights).view(-1, num_classes, 4)
@@ -127,4 +130,6 @@ def detect(class_logits: Tensor, deltas: Tensor, proposals: Tensor, image_hw: tu
         keep = remove_small_boxes(boxes, min_size)
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
     keep = batched_nms(boxes, scores, labels, nms_thresh)[:topk]
+    if min_size == 0:
+        keep = keep[non_empty_boxes(boxes[keep])]
     return boxes[keep], scores[keep], labels[keep]

@@ -8,7 +8,8 @@ from torch import Tensor, nn
 
 from maskrcnn.modeling.anchors import AnchorGenerator
 from maskrcnn.modeling.matcher import BETWEEN, match, sample_balanced
-from maskrcnn.ops import batched_nms, box_iou, clip_boxes, decode, encode, remove_small_boxes
+from maskrcnn.ops import (batched_nms, box_iou, clip_boxes, decode, encode, non_empty_boxes,
+                          remove_small_boxes)
 from maskrcnn.ops.conv_relu import conv_relu
 
 
@@ -58,14 +59,10 @@ def select_proposals(boxes: Tensor, logits: Tensor, levels: Tensor, image_hw: tu
     """
     boxes = clip_boxes(boxes, image_hw)
     scores = torch.sigmoid(logits)
-    big = remove_small_boxes(boxes, min_size) if min_size > 0 else _non_empty(boxes)
+    big = remove_small_boxes(boxes, min_size) if min_size > 0 else non_empty_boxes(boxes)
     boxes, scores, levels = boxes[big], scores[big], levels[big]
     keep = batched_nms(boxes, scores, levels, nms_thresh)[:post_nms_topk]
     return boxes[keep]
-
-
-def _non_empty(boxes: Tensor) -> Tensor:
-    return torch.nonzero((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).squeeze(1)
 
 
 def anchor_labels(anchors: Tensor, gt_boxes: Tensor, fg_iou: float, bg_iou: float

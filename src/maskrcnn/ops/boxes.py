@@ -61,3 +61,13 @@ def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
     w = boxes[:, 2] - boxes[:, 0]
     h = boxes[:, 3] - boxes[:, 1]
     return torch.nonzero((w >= min_size) & (h >= min_size)).squeeze(1)
+
+
+def non_empty_boxes(boxes: Tensor) -> Tensor:
+    """Indices (K,) int64 of the boxes (N, 4) with positive width and height (Detectron2's
+    ``nonempty``).
+
+    >>> non_empty_boxes(torch.tensor([[0., 0., 1., 5.], [2., 0., 2., 5.]]))
+    tensor([0])
+    """
+    return torch.nonzero((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).squeeze(1)
