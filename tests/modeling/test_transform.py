@@ -18,6 +18,30 @@ def test_floored_resize_is_torchvisions_call(hw):
     assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("hw", [(1600, 2000), (600, 500), (17, 23)])  # shrunk, enlarged
+def test_rounded_resize_is_detectron2s_pil_resize(hw):
+    """Detectron2 resizes uint8 images with PIL's bilinear filter (antialiased when shrinking)
+    and masks with PIL's nearest neighbour, to sizes rounded to the nearest pixel."""
+    import numpy as np
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    smooth = F.interpolate(torch.rand(1, 3, hw[0] // 8 + 2, hw[1] // 8 + 2, generator=g), size=hw,
+                           mode="bilinear")[0]  # a photo-like image: texture at several scales
+    image = (smooth * 200 + torch.rand(3, *hw, generator=g) * 55).to(torch.uint8)
+    scale = resize_scale(hw, 800, 1000)
+    got = resize(image.float(), scale, "round")
+    h, w = got.shape[-2:]
+    assert (h, w) == (int(hw[0] * scale + 0.5), int(hw[1] * scale + 0.5))
+    pil = Image.fromarray(image.permute(1, 2, 0).numpy()).resize((w, h), Image.BILINEAR)
+    expected = torch.from_numpy(np.array(pil)).permute(2, 0, 1).float()
+    assert (got - expected).abs().mean() < 0.5 and (got - expected).abs().max() <= 2  # PIL rounds to uint8
+    mask = torch.rand(1, *hw, generator=g) > 0.5
+    got = resize(mask.float(), scale, "round", "nearest")[0] > 0.5
+    pil = Image.fromarray(mask[0].numpy()).resize((w, h), Image.NEAREST)
+    assert torch.equal(got, torch.from_numpy(np.array(pil)))
+
+
 @pytest.mark.parametrize("rounding", ["floor", "round"])
 def test_resize_keeps_at_least_one_pixel(rounding):
     x = torch.rand(3, 2, 3000)

@@ -49,17 +49,21 @@ def normalize(image: Tensor, cfg: InputConfig) -> Tensor:
 
 
 def resize(x: Tensor, scale: float, rounding: str, mode: str = "bilinear") -> Tensor:
-    """Resize (C, H, W) to ``resized_size``. With floored sizes this is torchvision's call
-    (``scale_factor`` with ``recompute_scale_factor=True`` samples at the ratio of input to
-    floored output size)."""
+    """Resize (C, H, W) to ``resized_size`` by ``mode``, "bilinear" (images) or "nearest"
+    (masks). With floored sizes this is torchvision's call (``scale_factor`` with
+    ``recompute_scale_factor=True`` samples at the ratio of input to floored output size);
+    with rounded sizes, Detectron2's PIL resize: bilinear with PIL's antialiasing when
+    shrinking, and PIL's nearest neighbour (pixel centres)."""
     h, w = x.shape[-2:]
     size = resized_size((h, w), scale, rounding)
     if size == (h, w):
         return x
     if x.numel() == 0:  # an image without instances has a (0, H, W) mask stack
         return x.new_zeros((x.shape[0], *size))
-    kw = {"align_corners": False} if mode == "bilinear" else {}
-    return F.interpolate(x[None], size=size, mode=mode, **kw)[0]
+    like_pil = rounding == "round"
+    if mode == "bilinear":
+        return F.interpolate(x[None], size=size, mode=mode, align_corners=False, antialias=like_pil)[0]
+    return F.interpolate(x[None], size=size, mode="nearest-exact" if like_pil else mode)[0]
 
 
 def preprocess(images: list[Tensor], targets: list[dict] | None, cfg: InputConfig, training: bool
