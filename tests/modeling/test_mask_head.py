@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from maskrcnn.modeling.mask_head import MaskHead, mask_loss
+from maskrcnn.modeling.mask_head import MaskHead, mask_loss, mask_targets
 
 
 @pytest.mark.parametrize("channels_last, onednn", [(False, False), (True, False), (True, True)])
@@ -65,3 +65,21 @@ def test_forward_and_gradients_equal_the_plain_layer_stack():
         grads.append((out.detach(), *(p.grad.clone() for p in head.parameters())))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_soft_targets_of_polygons_are_those_of_their_decoded_masks():
+    """torchvision's soft targets (``roi_align_soft``) from a compact structure equal those of
+    the same masks as a dense tensor; binary targets stay binary."""
+    from maskrcnn.structures.masks import PolygonMasks
+
+    polygons = [[[10.0, 10, 50, 12, 45, 40, 12, 35]], [[30.0, 5, 60, 5, 60, 30]], [[1.0, 1, 4, 1, 4, 4]]]
+    structure = PolygonMasks(polygons, 48, 64)
+    boxes = torch.tensor([[8.0, 8, 52, 42], [28.3, 3.7, 61.5, 31.2], [11.0, 9, 40, 30]])
+    matched = torch.tensor([0, 1, 0])
+    soft = mask_targets(structure, boxes, matched, 28, "roi_align_soft")
+    dense = structure.to_tensor()
+    torch.testing.assert_close(soft, mask_targets(dense, boxes, matched, 28, "roi_align_soft"), rtol=0, atol=0)
+    assert ((soft > 0) & (soft < 1)).any()  # soft along the edges
+    binary = mask_targets(structure, boxes, matched, 28, "binary")
+    assert set(binary.unique().tolist()) <= {0.0, 1.0}
+    assert (binary - soft).abs().mean() < 0.1  # the same shapes

@@ -97,15 +97,20 @@ def _packed_deconv(weight: Tensor) -> Tensor:
 def mask_targets(gt_masks, boxes: Tensor, matched: Tensor, size: int, mode: str) -> Tensor:
     """The part of each RoI's matched GT mask inside the RoI, resampled to (R, size, size).
 
-    ``gt_masks``: a compact mask structure with ``crop_and_resize`` (binary targets) or an
-    (G, H, W) tensor. For a tensor, ``mode="roi_align_soft"`` gives torchvision's soft targets
-    (legacy RoIAlign, adaptive sampling, no threshold) and ``mode="binary"`` thresholds aligned
-    RoIAlign at 0.5. ``boxes`` (R, 4) are in the masks' pixel coordinates; ``matched`` (R,).
+    ``gt_masks``: a compact mask structure (polygons, RLE) or an (G, H, W) tensor.
+    ``mode="roi_align_soft"`` gives torchvision's soft targets (legacy RoIAlign, adaptive
+    sampling, no threshold), from the matched instances decoded whole, as torchvision holds
+    them. ``mode="binary"`` rasterises a structure inside each RoI (``crop_and_resize``) or
+    thresholds a tensor's aligned RoIAlign at 0.5. ``boxes`` (R, 4) are in the masks' pixel
+    coordinates; ``matched`` (R,) indexes the G instances.
     """
     if boxes.shape[0] == 0:
         return boxes.new_zeros((0, size, size))
     if not isinstance(gt_masks, Tensor):
-        return gt_masks.crop_and_resize(boxes, size, matched).to(boxes)
+        if mode != "roi_align_soft":
+            return gt_masks.crop_and_resize(boxes, size, matched).to(boxes)
+        used, matched = matched.unique(return_inverse=True)  # each matched instance decoded once
+        gt_masks = gt_masks[used.cpu()].to_tensor().to(boxes.device)
     rois = torch.cat([matched.to(boxes)[:, None], boxes], 1)
     masks = gt_masks[:, None].to(boxes)
     if mode == "roi_align_soft":
