@@ -20,6 +20,7 @@ CHANNEL_ORDERS = ("RGB", "BGR")
 SIZE_ROUNDINGS = ("floor", "round")
 NORMS = ("FrozenBN", "BN", "GN")
 LOSS_NORMS = ("torchvision", "detectron2")
+ANCHOR_STRIDES = ("ratio", "nominal")
 MASK_TARGETS = ("roi_align_soft", "binary")
 PASTE_MODES = ("torchvision", "detectron2")
 OPTIMIZERS = ("sgd", "adamw")
@@ -93,7 +94,7 @@ class InputConfig:
     min_size_test: int = 800
     max_size: int = 1333
     size_divisibility: int = 32
-    # "round": int(x + 0.5) as Detectron2; "floor": as torchvision's interpolate.
+    # "round": int(x + 0.5) and PIL's filters, as Detectron2; "floor": torchvision's interpolate.
     size_rounding: str = "floor"
 
     def __post_init__(self) -> None:
@@ -130,6 +131,8 @@ class RPNConfig:
     anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)
     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
     anchor_round: bool = True  # torchvision rounds cell anchors to integers
+    # "ratio": padded input // map size, as torchvision; "nominal": 4, 8, ..., 64, as Detectron2
+    anchor_strides: str = "ratio"
     fg_iou: float = 0.7
     bg_iou: float = 0.3
     batch_size_per_image: int = 256
@@ -147,6 +150,7 @@ class RPNConfig:
 
     def __post_init__(self) -> None:
         _one_of(self, "model.rpn", "loss_norm", LOSS_NORMS)
+        _one_of(self, "model.rpn", "anchor_strides", ANCHOR_STRIDES)
         _not_empty(self, "model.rpn", "anchor_sizes")
         _at_least(self, "model.rpn", 1, "anchor_sizes", "batch_size_per_image", "pre_nms_topk_train",
                   "pre_nms_topk_test", "post_nms_topk_train", "post_nms_topk_test")
@@ -290,8 +294,8 @@ def paper_model(num_classes: int = 80) -> ModelConfig:
             size_rounding="round",
         ),
         backbone=BackboneConfig(stride_in_1x1=True),
-        rpn=RPNConfig(anchor_round=False, post_nms_topk_train=1000, min_size=0.0,
-                      smooth_l1_beta=0.0, loss_norm="detectron2"),
+        rpn=RPNConfig(anchor_round=False, anchor_strides="nominal", post_nms_topk_train=1000,
+                      min_size=0.0, smooth_l1_beta=0.0, loss_norm="detectron2"),
         roi_heads=RoIHeadsConfig(
             num_classes=num_classes,
             pooler_sampling_ratio=0,

@@ -45,12 +45,21 @@ def grid_anchors(cells: Tensor, feature_hw: tuple[int, int], stride: tuple[int, 
 
 class AnchorGenerator(nn.Module):
     """Anchors for every level of a padded batch; those of the last input and feature sizes
-    are kept, so a run of same-sized batches computes them once."""
+    are kept, so a run of same-sized batches computes them once.
+
+    ``strides`` (one per level) are Detectron2's nominal strides; without them each level's
+    stride is the integer ratio of padded input to feature size, as torchvision computes it
+    (the same but where a map's size was rounded up: P6 of an 800-pixel input is 13 cells high,
+    and 800 // 13 = 61, not 64).
+    """
 
     def __init__(self, sizes_per_level: list[tuple[float, ...]], aspect_ratios: tuple[float, ...],
-                 rounded: bool = False):
+                 rounded: bool = False, strides: tuple[int, ...] | None = None):
         super().__init__()
+        if strides is not None and len(strides) != len(sizes_per_level):
+            raise ValueError(f"{len(strides)} strides for {len(sizes_per_level)} levels of anchor sizes")
         self.cells = [cell_anchors(s, aspect_ratios, rounded) for s in sizes_per_level]
+        self.strides = strides
         self.num_anchors = self.cells[0].shape[0]
         self._cache: dict = {}
 
@@ -59,10 +68,9 @@ class AnchorGenerator(nn.Module):
         """Per level (H_l * W_l * A, 4) anchors in input pixels; the same for every image."""
         key = (tuple(padded_hw), tuple(map(tuple, feature_sizes)), str(device))
         if key not in self._cache:
+            strides = ([(s, s) for s in self.strides] if self.strides is not None else
+                       [(padded_hw[0] // fs[0], padded_hw[1] // fs[1]) for fs in feature_sizes])
             self._cache.clear()
-            self._cache[key] = [
-                # The stride is the integer ratio of padded input to feature size, as torchvision.
-                grid_anchors(cells.to(device), fs, (padded_hw[0] // fs[0], padded_hw[1] // fs[1]))
-                for cells, fs in zip(self.cells, feature_sizes)
-            ]
+            self._cache[key] = [grid_anchors(cells.to(device), fs, stride)
+                                for cells, fs, stride in zip(self.cells, feature_sizes, strides)]
         return self._cache[key]

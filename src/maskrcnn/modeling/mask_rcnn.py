@@ -182,10 +182,13 @@ def build_model(cfg: ModelConfig, random_init: bool = True) -> MaskRCNN:
     if b.fpn:
         backbone = Backbone(body, FPN(body.out_channels, b.fpn_channels))
         anchor_sizes = [(s,) for s in r.anchor_sizes]
+        strides = (*FPN_STRIDES, 64)  # P6 feeds the RPN too
     else:
         backbone = Backbone(body, None)
         anchor_sizes = [tuple(r.anchor_sizes)]  # C4: every size on the one stride-16 map
-    anchors = AnchorGenerator(anchor_sizes, r.aspect_ratios, r.anchor_round)
+        strides = (16,)
+    anchors = AnchorGenerator(anchor_sizes, r.aspect_ratios, r.anchor_round,
+                              strides if r.anchor_strides == "nominal" else None)
     rpn = RPN(head=RPNHead(backbone.out_channels, anchors.num_anchors), anchors=anchors,
               fg_iou=r.fg_iou, bg_iou=r.bg_iou, batch_size_per_image=r.batch_size_per_image,
               positive_fraction=r.positive_fraction,
