@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from maskrcnn.config import replace_nested, small_cpu_model
+from maskrcnn.config import paper_model, replace_nested, small_cpu_model
 from maskrcnn.modeling.mask_rcnn import build_model
 
 LOSSES = {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"}
@@ -35,6 +35,27 @@ def test_train_step_and_inference_shapes(fpn):
         assert o["masks"].shape == (n, h, w) and o["masks"].dtype == torch.bool
         if n:
             assert o["boxes"][:, 2].max() <= w and o["boxes"][:, 3].max() <= h
+
+
+def test_the_paper_preset_trains_and_predicts_non_empty_boxes():
+    """Detectron2's conventions end to end: BGR 0-255 input, rounded PIL-like resizing, nominal
+    anchor strides, L1 losses normalised by the sampling budget, empty detections dropped."""
+    torch.manual_seed(0)
+    cfg = replace_nested(paper_model(num_classes=2), **{
+        "input.min_size_train": (112,), "input.min_size_test": 112, "input.max_size": 160,
+        "roi_heads.score_thresh": 0.0})
+    model = build_model(cfg)
+    image, target = sample()
+    losses = model([image], [target])
+    assert set(losses) == LOSSES and all(torch.isfinite(v) and v > 0 for v in losses.values())
+    sum(losses.values()).backward()
+    assert model.roi_heads.mask_head.predictor.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        out = model.eval()([image])[0]
+    boxes = out["boxes"]
+    assert len(boxes) == 100 and out["masks"].shape == (100, 120, 150)
+    assert ((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).all()
+    assert boxes[:, 2].max() <= 150 and boxes[:, 3].max() <= 120
 
 
 @pytest.mark.parametrize("fast", [False, True])
