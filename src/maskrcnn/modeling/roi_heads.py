@@ -75,7 +75,8 @@ class RoIHeads(nn.Module):
 
     def sample(self, proposals: list[Tensor], targets: list[dict]
                ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        """GT boxes join the proposals; 1:3 fg:bg sampling. Per image: RoIs (S, 4), labels (S,),
+        """GT boxes join the proposals; ``batch_size_per_image`` RoIs sampled per image, of
+        which at most ``positive_fraction`` foreground. Per image: RoIs (S, 4), labels (S,),
         matched GT indices (S,)."""
         labels, matched = [], []
         proposals = [torch.cat([p, t["boxes"].to(p)]) for p, t in zip(proposals, targets)]
@@ -96,8 +97,8 @@ class RoIHeads(nn.Module):
         x = self._box_features(features, rois)
         class_logits, deltas = self.box_predictor(self.box_head(x))
         target_deltas = torch.cat([
-            encode(r, t["boxes"].to(r)[m] if t["boxes"].numel() else torch.zeros_like(r), self.weights)
-            for r, t, m in zip(rois, targets, matched)])
+            encode(r, t["boxes"].to(r)[m], self.weights) if t["boxes"].numel() else torch.zeros_like(r)
+            for r, t, m in zip(rois, targets, matched)])  # an image without objects has no foreground
         cat_labels = torch.cat(labels)
         losses = box_losses(class_logits, deltas, cat_labels, target_deltas, self.beta)
 
