@@ -61,6 +61,18 @@ def test_coder_is_bit_equal_to_torchvision(weights, dtype):
     assert torch.equal(decode(deltas, ref, weights), coder.decode_single(deltas, ref))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_deltas_decode_in_float32(dtype):
+    # exp(4.2) * 1100 = 73,000 overflows float16
+    ref = torch.cat([torch.tensor([[0.0, 0, 1100, 20]]), random_boxes(50, 7)])
+    g = torch.Generator().manual_seed(8)
+    deltas = torch.cat([torch.tensor([[0.0, 0, 4.2, 0]]), torch.randn(50, 4, generator=g) * 3])
+    deltas = deltas.to(dtype)
+    for weights in ((1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0)):
+        expected = tv_utils.BoxCoder(weights).decode_single(deltas.float(), ref)
+        assert torch.equal(decode(deltas, ref, weights), expected)
+
+
 def test_decode_inverts_encode():
     ref, target = random_boxes(40, 5, torch.float64), random_boxes(40, 6, torch.float64)
     weights = (10.0, 10.0, 5.0, 5.0)

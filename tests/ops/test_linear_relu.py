@@ -60,6 +60,16 @@ def test_trained_linear_relu_values_and_gradients_equal_the_layer_and_relu(with_
         torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
 
 
+def test_trained_linear_relu_with_no_rows_has_zero_weight_gradients():
+    x = torch.zeros(0, 20, requires_grad=True)
+    w, b = torch.randn(7, 20, requires_grad=True), torch.randn(7, requires_grad=True)
+    y = linear_relu_trained(x, w, b)
+    assert y.shape == (0, 7)
+    y.sum().backward()
+    assert x.grad.shape == (0, 20)
+    assert torch.equal(w.grad, torch.zeros(7, 20)) and torch.equal(b.grad, torch.zeros(7))
+
+
 def test_trained_linear_relu_skips_the_gradients_not_asked_for():
     torch.manual_seed(0)
     x, w = torch.randn(5, 8), torch.randn(6, 8, requires_grad=True)

@@ -97,6 +97,20 @@ def test_classes_do_not_suppress_each_other():
     assert batched_nms(boxes, scores, torch.tensor([0, 1, 0]), 0.5).tolist() == [0, 1]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_boxes_are_offset_in_float32(dtype):
+    # IoU 100/140 = 0.714 > 0.7: suppressed in class 50 as in class 0 (bf16 offsets round the
+    # corners, float16 ones overflow to inf)
+    boxes = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 14]], dtype=dtype)
+    scores = torch.tensor([0.9, 0.8])
+    for c in (0, 50):
+        assert batched_nms(boxes, scores, torch.tensor([c, c]), 0.7).tolist() == [0]
+    boxes, scores, idxs = random_set(600, 12, dtype)
+    idxs = idxs * 40  # offsets up to 160 * 90 = 14,400: beyond bf16's integers, near fp16's max
+    assert torch.equal(batched_nms(boxes, scores, idxs, 0.5),
+                       tv_ops.batched_nms(boxes.float(), scores.float(), idxs, 0.5))
+
+
 def test_empty_input():
     assert nms(torch.zeros(0, 4), torch.zeros(0), 0.5).numel() == 0
     empty = batched_nms(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64), 0.5)

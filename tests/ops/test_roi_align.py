@@ -235,7 +235,12 @@ def test_the_gpu_form_sums_half_precision_inputs_in_float32(dtype):
     exact = roi_align(x.detach().float(), rois, (2, 3), 0.5, 0, True)
     assert ours.dtype == dtype and torch.equal(ours, exact.to(dtype))
     ours.float().sum().backward()
-    assert x.grad.dtype == dtype and x.grad.abs().sum() > 0
+    x32 = x.detach().float().requires_grad_(True)
+    tv_ops.roi_align(x32, rois, (2, 3), 0.5, 0, True).sum().backward()
+    assert x.grad.dtype == dtype and x32.grad.abs().sum() > 0
+    # the float32 gradient rounded once to the dtype: within half an ulp of it
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(x.grad.float(), x32.grad, rtol=eps, atol=1e-6)
 
 
 def test_hand_computed_bilinear_value():
@@ -274,7 +279,12 @@ def test_under_autocast_the_sums_stay_float32_and_the_output_keeps_the_input_dty
     assert low.dtype == torch.bfloat16
     assert torch.equal(low, roi_align(low_in.detach().float(), rois, 7, 1.0, 2, True).bfloat16())
     low.float().sum().backward()
-    assert low_in.grad.dtype == torch.bfloat16 and low_in.grad.abs().sum() > 0
+    x32 = low_in.detach().float().requires_grad_(True)
+    tv_ops.roi_align(x32, rois, 7, 1.0, 2, True).sum().backward()
+    assert low_in.grad.dtype == torch.bfloat16 and x32.grad.abs().sum() > 0
+    # the float32 gradient rounded once to bfloat16: within half an ulp of it
+    eps = torch.finfo(torch.bfloat16).eps
+    torch.testing.assert_close(low_in.grad.float(), x32.grad, rtol=eps, atol=1e-6)
 
 
 @pytest.mark.parametrize("aligned", [False, True])
@@ -295,3 +305,13 @@ def test_a_pyramid_table_pools_each_box_as_roi_align_on_its_level(aligned, ratio
     expected = torch.cat([roi_align(maps[lv], rois[k:k + 1], 3, scales[lv], ratio, aligned)
                           for k, lv in enumerate(levels.tolist())])
     assert torch.equal(got, expected)
+
+
+def test_a_pyramid_table_with_no_boxes_gives_an_empty_output_that_still_backpropagates():
+    shapes, scales = [(10, 13), (5, 7)], [1.0, 0.5]
+    table = torch.randn(2 * (10 * 13 + 5 * 7), 4, dtype=torch.float64, requires_grad=True)
+    out = roi_align_module.roi_align_pyramid(table, shapes, torch.zeros(0, 5, dtype=torch.float64),
+                                             torch.zeros(0, dtype=torch.int64), 7, scales)
+    assert out.shape == (0, 4, 7, 7) and out.dtype == torch.float64
+    out.sum().backward()
+    assert torch.equal(table.grad, torch.zeros_like(table))

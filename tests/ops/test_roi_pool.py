@@ -49,6 +49,16 @@ def test_float32_channels_last_list_form_and_module():
     assert torch.equal(RoIPool(3, 0.5)(x, per_image), tv_ops.roi_pool(x, per_image, 3, 0.5))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_corners_are_scaled_in_the_boxes_dtype(dtype):
+    # 45 * 0.7 is 31.5 in float32 (rounds to 32) but 31.499... in double (rounds to 31)
+    x = torch.arange(64 * 64.0).view(1, 1, 64, 64).to(dtype)
+    starts = torch.arange(0, 50, 0.25, dtype=dtype)[:, None]
+    boxes = torch.cat([torch.zeros_like(starts), starts, starts, starts + 10, starts + 7], 1)
+    for scale in (0.7, 0.3, 1 / 3, 0.1):
+        assert torch.equal(roi_pool(x, boxes, 2, scale), tv_ops.roi_pool(x, boxes, 2, scale))
+
+
 def test_empty_bins_give_zero_and_no_gradient():
     x = feature().requires_grad_(True)
     out = roi_pool(x, BOXES[3:4], 2, 1.0)  # wholly outside the map

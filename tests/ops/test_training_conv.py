@@ -6,6 +6,7 @@ output's gradient is nonzero, and a conv that still becomes Winograd's to predic
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from maskrcnn.ops import training_conv
@@ -187,6 +188,20 @@ def test_under_bf16_autocast_it_computes_as_autocast_does(monkeypatch):
     assert [g.dtype for g in g_fast] == [torch.float32] * 3
     for a, b in zip(g_fast, g_plain):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+def test_float64_gradients_are_the_convolutions_to_float64_rounding():
+    torch.manual_seed(0)
+    conv = TrainingConv2d.from_conv(nn.Conv2d(40, 4, 3, padding=1).double())
+    x = torch.randn(1, 40, 3, 3, dtype=torch.float64, requires_grad=True)
+    y = conv(x)
+    grad_out = torch.randn_like(y)
+    params = (x, conv.weight, conv.bias)
+    got = torch.autograd.grad(y, params, grad_out)
+    expected = torch.autograd.grad(F.conv2d(x, conv.weight, conv.bias, padding=1), params, grad_out)
+    for a, b in zip(got, expected):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_predicting_and_frozen_weights_take_the_plain_conv(monkeypatch):

@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from maskrcnn.ops.weight_cache import WeightCache
+from maskrcnn.ops.weight_cache import WeightCache, clear_weight_caches
 
 
 def test_made_once_and_again_only_when_the_parameter_or_arguments_change():
@@ -22,6 +22,27 @@ def test_made_once_and_again_only_when_the_parameter_or_arguments_change():
     torch.testing.assert_close(cache(p, 1), torch.full((3,), 3.0))
     torch.testing.assert_close(cache(p.double(), 1), torch.full((3,), 3.0, dtype=torch.float64))
     assert calls == [2, 2, 1, 1]
+
+
+def test_optimizer_steps_are_seen_and_writes_through_data_are_cleared_by_hand():
+    class Scaled(nn.Module):  # a layer that runs on a cached copy of its weight
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(3))
+            self._doubled = WeightCache(lambda w: w * 2)
+
+        def forward(self):
+            return self._doubled(self.weight)
+
+    model = nn.Sequential(nn.Sequential(Scaled()))
+    layer = model[0][0]
+    torch.testing.assert_close(layer(), torch.full((3,), 2.0))
+    layer.weight.grad = torch.ones(3)
+    torch.optim.SGD(model.parameters(), lr=0.5).step()  # weight 0.5: version counter bumped
+    torch.testing.assert_close(layer(), torch.full((3,), 1.0))
+    layer.weight.data.fill_(4.0)  # .data has its own version counter: the cache cannot tell
+    clear_weight_caches(model)
+    torch.testing.assert_close(layer(), torch.full((3,), 8.0))
 
 
 def test_copies_and_pickles_start_empty_and_make_the_value_again():

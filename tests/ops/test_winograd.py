@@ -33,11 +33,12 @@ def test_conv3x3_equals_the_direct_convolution(shape, chunk, monkeypatch):
 
 
 @pytest.mark.parametrize("shape", [(1, 8, 16, 20), (3, 8, 14, 14), (2, 8, 9, 13), (1, 8, 1, 2),
-                                   (5, 8, 3, 6)])
+                                   (5, 8, 3, 6), (0, 8, 9, 13)])
 @pytest.mark.parametrize("chunk", [1, 3, 192])
 def test_conv3x3_weight_grad_is_the_convolutions_weight_gradient(shape, chunk, monkeypatch):
-    """The same sizes and chunks as the convolution, against autograd's float64 gradient, to
-    Winograd's rounding; 5 input and 6 output channels; channels-last, from either layout."""
+    """The convolution's sizes and chunks and an empty batch, against autograd's float64
+    gradient, to Winograd's rounding; 5 input and 6 output channels; channels-last, from either
+    layout."""
     monkeypatch.setattr(winograd, "_TILES_PER_CHUNK", chunk)
     g = torch.Generator().manual_seed(0)
     n, _, h, w = shape

@@ -2,7 +2,8 @@
 reference box, as centre offsets in units of the reference size and log size ratios.
 
 Weights scale the deltas: (1, 1, 1, 1) for the RPN, (10, 10, 5, 5) for the box head. The
-arithmetic follows torchvision's BoxCoder operation for operation, so results agree bit for bit.
+arithmetic follows torchvision's BoxCoder operation for operation, so float32 and float64
+results agree bit for bit.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import math
 
 import torch
 from torch import Tensor
+
+from maskrcnn.ops.boxes import compute_dtype
 
 SCALE_CLAMP = math.log(1000.0 / 16)  # keeps exp() finite for wild predictions
 
@@ -39,12 +42,15 @@ def decode(deltas: Tensor, reference: Tensor, weights: tuple[float, float, float
     """Boxes from deltas: (N, 4C) deltas on (N, 4) references -> (N, 4C) boxes (C >= 1).
 
     The log-size deltas are clamped at ``clamp`` after removing the weights; encoding is not
-    clamped.
+    clamped. Boxes come in the deltas' dtype, float32 for half-precision deltas: in
+    float16, ``exp(dw) * w`` (up to 62.5 w) overflows once w passes 1,048 pixels, and
+    bfloat16 would round the references' corners.
 
     >>> decode(torch.tensor([[0.1, 0., 0., 0.]]), torch.tensor([[0., 0., 10., 10.]]), (1, 1, 1, 1))
     tensor([[ 1.,  0., 11., 10.]])
     """
     wx, wy, ww, wh = weights
+    deltas = deltas.to(compute_dtype(deltas.dtype))
     reference = reference.to(deltas.dtype)
     w = (reference[:, 2] - reference[:, 0])[:, None]
     h = (reference[:, 3] - reference[:, 1])[:, None]

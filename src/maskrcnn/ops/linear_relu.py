@@ -74,7 +74,8 @@ class _LinearReLU(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = _product(grad, weight.t())  # (R, D_out) @ W
         if ctx.needs_input_grad[1]:
-            grad_w = _product(grad.t(), x.t())  # (D_out, R) @ x
+            # (D_out, R) @ x; oneDNN has no product over R = 0 rows, whose sum is zero
+            grad_w = _product(grad.t(), x.t()) if x.shape[0] else torch.zeros_like(weight)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum(0)
         return grad_x, grad_w, grad_b

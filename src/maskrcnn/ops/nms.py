@@ -197,6 +197,8 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     if boxes.numel() == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     if boxes.numel() <= (4000 if boxes.device.type == "cpu" else 100_000):
+        # in half precision the offset corners would overflow (float16) or round (bfloat16)
+        boxes = boxes.to(compute_dtype(boxes.dtype))
         offsets = idxs.to(boxes) * (boxes.max() + torch.tensor(1).to(boxes))
         return nms(boxes + offsets[:, None], scores, iou_threshold)
     keep_mask = torch.zeros_like(scores, dtype=torch.bool)

@@ -179,7 +179,7 @@ def _roi_align_bags(input: Tensor, rois: Tensor, output_size: tuple[int, int],
     # padded taps (cell == size, value 0) read cell 0, so that every column exists
     y = (y[0].clamp(max=h - 1), *y[1:])
     x = (x[0].clamp(max=w - 1), *x[1:])
-    rows = input.permute(0, 2, 3, 1).reshape(n * h * w, c).to(dtype)  # (N*H*W, C)
+    rows = _as_rows(input, dtype)  # (N*H*W, C)
     start, width = _map_starts(rois, h, w)
     k, bag = rois.shape[0], ph * pw * y[0].shape[-1] * x[0].shape[-1]
     step = max(_CHUNK_ENTRIES // bag, 1)  # RoIs whose bags are built at once
@@ -365,6 +365,8 @@ def roi_align_pyramid(table: Tensor, shapes: list[tuple[int, int]], rois: Tensor
     ``levels`` (K,) each RoI's level; ``scales`` each level's spatial scale. Returns
     (K, C, S, S), channels-last, in the table's dtype.
     """
+    if rois.shape[0] == 0:  # an empty slice of the table, as empty_pool gives
+        return table[:0, :, None, None].expand(0, -1, output_size, output_size)
     device = table.device
     sizes = torch.tensor(shapes, device=device)  # (L, 2): H_l, W_l
     areas = sizes.prod(1)

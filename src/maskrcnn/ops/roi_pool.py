@@ -2,9 +2,9 @@
 
 Kept for the paper's ablation (Table 2c), where RoIAlign beats it by about 3 mask AP. Both
 quantisations RoIAlign removes happen here: box corners are rounded to cells, then bin edges
-are floored and ceiled. Numerics, tie-breaking and gradient routing follow torchvision's
-kernel: the first maximum in row-major order wins and alone receives the gradient; an empty
-bin gives 0.
+are floored and ceiled. Numerics (box corners are scaled in the boxes' dtype), tie-breaking
+and gradient routing follow torchvision's kernel: the first maximum in row-major order wins
+and alone receives the gradient; an empty bin gives 0.
 """
 
 from __future__ import annotations
@@ -82,7 +82,9 @@ class _RoIPool(torch.autograd.Function):
         ph, pw = output_size
         n, c, h, w = input.shape
         dtype = compute_dtype(input.dtype)
-        corners = _round_half_away(rois[:, 1:].double() * spatial_scale).long()
+        # the kernel's product in the boxes' dtype, the scale rounded to it: in float32,
+        # 45 * 0.7 is 31.5 and rounds to 32, where in double it is 31.499... and rounds to 31
+        corners = _round_half_away(rois[:, 1:] * rois.new_tensor(spatial_scale)).long()
         x0, y0, x1, y1 = corners.unbind(1)
         y = _bins(y0, (y1 - y0 + 1).clamp(min=1), ph, h, dtype)  # malformed RoIs count as 1x1
         x = _bins(x0, (x1 - x0 + 1).clamp(min=1), pw, w, dtype)

@@ -221,7 +221,8 @@ class _Conv3x3(torch.autograd.Function):
             grad_x, grad_w = grads_at_pixels(grad_out, x, weight, pixels, need_x)
         else:
             grad_x, grad_w = _dense_grads(ctx, grad_out, x, weight, need_x)
-        grad_b = grad_out.sum((0, 2, 3), dtype=torch.float32) if ctx.has_bias else None
+        sum_dtype = torch.promote_types(grad_out.dtype, torch.float32)  # float64 stays float64
+        grad_b = grad_out.sum((0, 2, 3), dtype=sum_dtype) if ctx.has_bias else None
         grad_x = None if grad_x is None else grad_x.to(ctx.dtypes[0])
         grad_b = None if grad_b is None else grad_b.to(ctx.dtypes[1])
         return grad_x, grad_w.to(ctx.dtypes[1]), grad_b, None, None, None, None

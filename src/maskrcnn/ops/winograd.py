@@ -122,8 +122,10 @@ def conv3x3_weight_grad(x: Tensor, grad_out: Tensor) -> Tensor:
 
     and the sum over blocks is 36 matrix products (C_out, tiles) @ (tiles, C_in): 36
     multiply-adds per tile and channel pair instead of 144."""
-    _, c, h, w = x.shape
+    n, c, h, w = x.shape
     co = grad_out.shape[1]
+    if n == 0:  # no blocks to sum over
+        return x.new_zeros((co, c, 3, 3)).contiguous(memory_format=torch.channels_last)
     tiles = _InputTiles(x.permute(0, 2, 3, 1), _TILES_PER_CHUNK)
     v = torch.empty_like(tiles.d)
     # the chunk's output gradient on whole tiles, zero past the map's bottom and right edges
