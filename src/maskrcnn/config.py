@@ -23,6 +23,7 @@ LOSS_NORMS = ("torchvision", "detectron2")
 ANCHOR_STRIDES = ("ratio", "nominal")
 MASK_TARGETS = ("roi_align_soft", "binary")
 PASTE_MODES = ("torchvision", "detectron2")
+HEAD_INITS = ("torchvision", "detectron2")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("multistep", "cosine")
 
@@ -188,9 +189,13 @@ class RoIHeadsConfig:
     # "torchvision": pad 1, integer box, +1 size; "detectron2": grid_sample at pixel centres.
     paste: str = "torchvision"
     mask_threshold: float = 0.5
+    # The box and mask heads' initial weights when not loaded (SPEC §1.8-1.9): "torchvision"
+    # (PyTorch's defaults, kaiming normal mask predictor) or "detectron2".
+    head_init: str = "torchvision"
 
     def __post_init__(self) -> None:
         _one_of(self, "model.roi_heads", "mask_target", MASK_TARGETS)
+        _one_of(self, "model.roi_heads", "head_init", HEAD_INITS)
         _one_of(self, "model.roi_heads", "paste", PASTE_MODES)
         _at_least(self, "model.roi_heads", 1, "num_classes", "batch_size_per_image",
                   "box_pooler_resolution", "mask_pooler_resolution", "box_fc_dim", "mask_conv_dims",
@@ -302,6 +307,7 @@ def paper_model(num_classes: int = 80) -> ModelConfig:
             pooler_aligned=True,
             smooth_l1_beta=0.0,
             mask_target="binary",
+            head_init="detectron2",
             min_box_size=0.0,
             paste="detectron2",
         ),
@@ -324,7 +330,7 @@ def small_cpu_model(num_classes: int = 3) -> ModelConfig:
         roi_heads=RoIHeadsConfig(num_classes=num_classes, batch_size_per_image=64,
                                  box_fc_dim=512, mask_conv_dims=(128, 128),
                                  pooler_sampling_ratio=0, pooler_aligned=True,
-                                 mask_target="binary", paste="detectron2"),
+                                 mask_target="binary", paste="detectron2", head_init="detectron2"),
     )
 
 

@@ -216,3 +216,39 @@ def test_bf16_mode_trains_and_predicts_with_float32_outputs_close_to_float32(mon
     assert len(out["scores"]) > 0
     model.use_bf16(False)  # back to the float32 path's layout
     assert all(p.is_contiguous() for p in model.parameters())
+
+
+@pytest.fixture(scope="module")
+def untrained_heads():
+    """The RoI heads' parameters of the torchvision preset and of torchvision's own model."""
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    from maskrcnn.config import torchvision_model
+
+    torch.manual_seed(0)
+    mine = dict(build_model(torchvision_model()).roi_heads.named_parameters())
+    tv = dict(maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).roi_heads.named_parameters())
+    return mine, tv
+
+
+@pytest.mark.parametrize("ours, theirs", [
+    ("box_head.fc6", "box_head.fc6"), ("box_head.fc7", "box_head.fc7"),
+    ("box_predictor.cls_score", "box_predictor.cls_score"), ("box_predictor.bbox_pred", "box_predictor.bbox_pred"),
+    ("mask_head.deconv", "mask_predictor.conv5_mask"), ("mask_head.predictor", "mask_predictor.mask_fcn_logits"),
+    ("mask_head.convs.0", "mask_head.0.0"),
+])
+def test_the_torchvision_presets_heads_start_as_torchvisions(untrained_heads, ours, theirs):
+    """Same distributions of initial weights and biases as torchvision's untrained model
+    (SPEC §1.8-1.9): the same spread, and as many values beyond two spreads (4.6% for normal
+    draws, none for uniform ones). Shapes differ where torchvision keeps a background class."""
+    mine, tv = untrained_heads
+    for kind in ("weight", "bias"):
+        a, b = mine[f"{ours}.{kind}"].detach(), tv[f"{theirs}.{kind}"].detach()
+        if b.std() == 0:
+            assert a.abs().max() == 0, kind
+            continue
+        many = b.numel() > 10_000
+        assert a.std().item() == pytest.approx(b.std().item(), rel=0.05 if many else 0.3), kind
+        if many:
+            tails = [(t.abs() > 2 * t.std()).float().mean().item() for t in (a, b)]
+            assert tails[0] == pytest.approx(tails[1], abs=0.01), kind

@@ -28,14 +28,16 @@ class BoxHead(nn.Module):
     float32 RoIs both layers then train through oneDNN's products too.
     """
 
-    def __init__(self, in_features: int, fc_dim: int = 1024):
+    def __init__(self, in_features: int, fc_dim: int = 1024, init: str = "detectron2"):
+        """``init``: "detectron2" (``c2_xavier_fill``) or "torchvision" (``nn.Linear``'s own)."""
         super().__init__()
         self.fc6 = nn.Linear(in_features, fc_dim)
         self.fc7 = nn.Linear(fc_dim, fc_dim)
         self.out_features = fc_dim
-        for fc in (self.fc6, self.fc7):
-            nn.init.kaiming_uniform_(fc.weight, a=1)
-            nn.init.zeros_(fc.bias)
+        if init == "detectron2":
+            for fc in (self.fc6, self.fc7):
+                nn.init.kaiming_uniform_(fc.weight, a=1)
+                nn.init.zeros_(fc.bias)
         self._fc6_rows = WeightCache(_channels_last_columns)
         self._fc6_packed = WeightCache(_packed_fc6)
         self._fc7_packed = WeightCache(packed)
@@ -79,14 +81,16 @@ def _packed_fc6(weight: Tensor, chw: torch.Size) -> Tensor:
 class BoxPredictor(nn.Module):
     """Class logits (R, K + 1), background first, and class-specific deltas (R, 4K)."""
 
-    def __init__(self, in_features: int, num_classes: int):
+    def __init__(self, in_features: int, num_classes: int, init: str = "detectron2"):
+        """``init``: "detectron2" (normal, std 0.01 and 0.001) or "torchvision" (``nn.Linear``'s)."""
         super().__init__()
         self.cls_score = nn.Linear(in_features, num_classes + 1)
         self.bbox_pred = nn.Linear(in_features, 4 * num_classes)
-        nn.init.normal_(self.cls_score.weight, std=0.01)
-        nn.init.normal_(self.bbox_pred.weight, std=0.001)
-        nn.init.zeros_(self.cls_score.bias)
-        nn.init.zeros_(self.bbox_pred.bias)
+        if init == "detectron2":
+            nn.init.normal_(self.cls_score.weight, std=0.01)
+            nn.init.normal_(self.bbox_pred.weight, std=0.001)
+            nn.init.zeros_(self.cls_score.bias)
+            nn.init.zeros_(self.bbox_pred.bias)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x = x.flatten(1)

@@ -22,7 +22,10 @@ class MaskHead(nn.Module):
     """
 
     def __init__(self, in_channels: int, conv_dims: tuple[int, ...], num_classes: int,
-                 deconv_dim: int | None = None):
+                 deconv_dim: int | None = None, init: str = "detectron2"):
+        """``init``: "detectron2" (``c2_msra_fill``, the predictor normal with std 0.001, zero
+        biases) or "torchvision" (``kaiming_normal_`` on every weight, the predictor's too; zero
+        biases on the convs only, the others ``nn.Conv2d``'s own)."""
         super().__init__()
         convs, c = [], in_channels
         for dim in conv_dims:
@@ -34,9 +37,12 @@ class MaskHead(nn.Module):
         self.predictor = nn.Conv2d(deconv_dim, num_classes, 1)
         for m in [*self.convs, self.deconv]:
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        for m in self.convs if init == "torchvision" else [*self.convs, self.deconv, self.predictor]:
             nn.init.zeros_(m.bias)
-        nn.init.normal_(self.predictor.weight, std=0.001)
-        nn.init.zeros_(self.predictor.bias)
+        if init == "torchvision":
+            nn.init.kaiming_normal_(self.predictor.weight, mode="fan_out", nonlinearity="relu")
+        else:
+            nn.init.normal_(self.predictor.weight, std=0.001)
         self._deconv_packed = WeightCache(_packed_deconv)
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:

@@ -207,8 +207,8 @@ def _build_roi_heads(cfg: ModelConfig, backbone: Backbone) -> RoIHeads:
         res5 = None
         box_pooler = MultiLevelRoIAlign(output_size=h.box_pooler_resolution, strides=FPN_STRIDES, **pool)
         mask_pooler = MultiLevelRoIAlign(output_size=h.mask_pooler_resolution, strides=FPN_STRIDES, **pool)
-        box_head = BoxHead(c * h.box_pooler_resolution**2, h.box_fc_dim)
-        mask_head = MaskHead(c, h.mask_conv_dims, h.num_classes)
+        box_head = BoxHead(c * h.box_pooler_resolution**2, h.box_fc_dim, init=h.head_init)
+        mask_head = MaskHead(c, h.mask_conv_dims, h.num_classes, init=h.head_init)
     else:
         # C4 (SPEC §5.1): pool 14x14 from C4, run res5 (stride 2) -> 7x7, shared by both branches.
         block, counts = BLOCKS[b.depth]
@@ -220,10 +220,10 @@ def _build_roi_heads(cfg: ModelConfig, backbone: Backbone) -> RoIHeads:
         mask_pooler = None
         box_head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         box_head.out_features = c
-        mask_head = MaskHead(c, (), h.num_classes, deconv_dim=256)
+        mask_head = MaskHead(c, (), h.num_classes, deconv_dim=256, init=h.head_init)
     return RoIHeads(
         box_pooler=box_pooler, box_head=box_head,
-        box_predictor=BoxPredictor(box_head.out_features, h.num_classes),
+        box_predictor=BoxPredictor(box_head.out_features, h.num_classes, init=h.head_init),
         mask_pooler=mask_pooler, mask_head=mask_head, res5=res5, fg_iou=h.fg_iou,
         batch_size_per_image=h.batch_size_per_image, positive_fraction=h.positive_fraction,
         box_reg_weights=h.box_reg_weights, smooth_l1_beta=h.smooth_l1_beta,
