@@ -10,8 +10,6 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from maskrcnn.config import ConfigError
-
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Trainable parameters in two SGD groups: with weight decay, and normalisation
@@ -42,10 +40,8 @@ def build_optimizer(solver, groups: list[dict]) -> torch.optim.Optimizer:
     """
     if solver.optimizer == "sgd":
         make = partial(torch.optim.SGD, lr=solver.base_lr, momentum=solver.momentum)
-    elif solver.optimizer == "adamw":
+    else:  # "adamw"; the config refuses other optimizers
         make = partial(torch.optim.AdamW, lr=solver.base_lr, betas=(solver.momentum, 0.999))
-    else:
-        raise ConfigError(f"solver.optimizer: unknown optimizer '{solver.optimizer}'; use 'sgd' or 'adamw'")
     try:  # the optimizer fills defaults into the group dicts, so each attempt gets copies
         return make([dict(g) for g in groups], fused=True)
     except (RuntimeError, TypeError):  # a device without fused kernels for these parameters

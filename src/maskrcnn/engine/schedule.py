@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import math
 
-from maskrcnn.config import ConfigError, SolverConfig
-
-SCHEDULES = ("multistep", "cosine")
+from maskrcnn.config import SolverConfig
 
 
 def step_iterations(solver: SolverConfig, max_iter: int) -> list[int]:
@@ -40,10 +38,8 @@ def lr_at(iteration: int, solver: SolverConfig, max_iter: int) -> float:
     if solver.schedule == "cosine":
         progress = min(iteration / max(1, max_iter), 1.0)
         lr = base * 0.5 * (1.0 + math.cos(math.pi * progress))
-    elif solver.schedule == "multistep":
+    else:  # "multistep"; the config refuses other schedules
         lr = base * solver.gamma ** sum(iteration >= s for s in step_iterations(solver, max_iter))
-    else:
-        raise ConfigError(f"solver.schedule is {solver.schedule!r}; use one of {', '.join(SCHEDULES)}")
     if iteration < solver.warmup_iters:
         alpha = iteration / solver.warmup_iters
         lr *= solver.warmup_factor * (1.0 - alpha) + alpha
