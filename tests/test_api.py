@@ -1,9 +1,10 @@
 """The Python API's predictor."""
 
+import pytest
 import torch
 
-from maskrcnn.api import Predictor, load
-from maskrcnn.config import small_cpu_model
+from maskrcnn.api import Predictor, load, pick_device
+from maskrcnn.config import ConfigError, small_cpu_model
 from maskrcnn.evaluation.coco_eval import encode_masks
 from maskrcnn.modeling.mask_rcnn import build_model
 from maskrcnn.weights import save_weights
@@ -84,3 +85,15 @@ def test_instances_name_the_regions_their_masks_were_pasted_into():
         assert not outside.any()
     assert torch.equal(inst[[2, 0]].mask_regions, inst.mask_regions[[2, 0]])
     assert inst.masks.any() and encode_masks(inst.masks, inst.mask_regions) == encode_masks(inst.masks)
+
+
+def test_a_gpu_that_torch_does_not_see_is_a_config_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert pick_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(ConfigError, match="device: cuda:1, but torch sees 1 CUDA GPUs.*; use cpu, or auto"):
+        pick_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ConfigError, match="device: cuda, but torch sees 0 CUDA GPUs"):
+        pick_device("cuda")
+    with pytest.raises(ConfigError, match="unknown device 'gpu'"):
+        Predictor(build_model(small_cpu_model(3)), device="gpu")

@@ -1,6 +1,6 @@
 import pytest
 
-from maskrcnn.config import (NORMS, OPTIMIZERS, PASTE_MODES, PRESETS, RESNET_DEPTHS, SCHEDULES,
+from maskrcnn.config import (NORMS, OPTIMIZERS, PASTE_MODES, PRESETS, RESNET_DEPTHS,
                              SOLVER_PRESETS, Config, ConfigError, RPNConfig, SolverConfig,
                              apply_overrides, from_dict, preset_config, replace_nested, to_dict)
 
@@ -104,11 +104,18 @@ def test_values_at_the_ends_of_their_range_stay_valid(override):
     ("model.backbone.depth=200", "model.backbone.depth: unknown depth 200; expects one of 18, 34, 50, 101, 152"),
     ("solver.optimizer=adam", "solver.optimizer: unknown optimizer 'adam'; expects one of sgd, adamw"),
     ("solver.schedule=linear", "solver.schedule: unknown schedule 'linear'; expects one of multistep, cosine"),
+    ("device=gpu", "device: unknown device 'gpu'; expects one of auto, cpu, cuda, cuda:N"),
+    ("device=cuda:x", "device: unknown device 'cuda:x'; expects one of auto, cpu, cuda, cuda:N"),
 ])
 def test_unknown_choices_are_refused_listing_the_allowed_values(override, message):
     with pytest.raises(ConfigError) as info:
         apply_overrides(Config(), [override])
     assert str(info.value) == message
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1"])
+def test_every_device_name_is_accepted(device):
+    assert apply_overrides(Config(), [f"device={device}"]).device == device
 
 
 def test_direct_construction_and_replace_are_validated_too():
@@ -123,13 +130,11 @@ def test_direct_construction_and_replace_are_validated_too():
 def test_the_allowed_values_are_those_the_code_handles():
     import torch
 
-    from maskrcnn.engine import schedule
     from maskrcnn.engine.optimizer import build_optimizer
     from maskrcnn.modeling.resnet import BLOCKS, make_norm
     from maskrcnn.ops import paste_masks
 
     assert set(RESNET_DEPTHS) == set(BLOCKS)
-    assert SCHEDULES == schedule.SCHEDULES
     for norm in NORMS:
         make_norm(norm, 64)
     for name in OPTIMIZERS:

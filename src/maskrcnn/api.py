@@ -13,16 +13,24 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from maskrcnn.config import ConfigError, check_device
 from maskrcnn.modeling.mask_rcnn import MaskRCNN, build_model
 from maskrcnn.structures.instances import Instances
 from maskrcnn.weights import read_weights
 
 
 def pick_device(device: str = "auto") -> torch.device:
-    """``"auto"`` is the GPU when there is one, else the CPU."""
+    """``"auto"`` is the GPU when there is one, else the CPU; ``ConfigError`` for another name
+    than auto, cpu, cuda and cuda:N, or a GPU that torch does not see."""
+    check_device(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    found = torch.device(device)
+    if found.type == "cuda" and (found.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"device: {device}, but torch sees {torch.cuda.device_count()} CUDA GPUs"
+                          f"{'' if torch.version.cuda else ' (this torch is built without CUDA)'}; "
+                          "use cpu, or auto to take the GPU when there is one")
+    return found
 
 
 def to_image_tensor(image) -> Tensor:

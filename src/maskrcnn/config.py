@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -76,6 +77,12 @@ def _one_of(config: Any, section: str, name: str, allowed: tuple) -> None:
     if value not in allowed:
         raise ConfigError(f"{_key(section, name)}: unknown {name} {value!r}; "
                           f"expects one of {', '.join(map(str, allowed))}")
+
+
+def check_device(device: str) -> None:
+    """Refuse a device other than auto, cpu, cuda and cuda:N (N: a GPU's index)."""
+    if not (isinstance(device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", device)):
+        raise ConfigError(f"device: unknown device {device!r}; expects one of auto, cpu, cuda, cuda:N")
 
 
 @dataclass(frozen=True)
@@ -277,6 +284,7 @@ class Config:
 
     def __post_init__(self) -> None:
         _at_least(self, "", 0, "seed")
+        check_device(self.device)
 
 
 # ---------------------------------------------------------------------------- presets
