@@ -199,11 +199,21 @@ def test_load_weights_reads_files_and_folders_only_as_safetensors(tmp_path):
         load_weights(tmp_path / "w.pth")
 
 
-def test_a_checkpoint_of_another_model_is_a_clear_error(tmp_path):
+def test_a_checkpoint_of_another_model_is_a_clear_error_naming_keys_and_shapes(tmp_path):
     model, opt = trained()
     save_checkpoint(tmp_path, model=model, optimizer=opt, iteration=1)
     with pytest.raises(CheckpointError, match="does not fit this model"):
         load_checkpoint(tmp_path, model=nn.Linear(2, 2))
+    other = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path, model=other)
+    assert str(info.value).endswith("does not fit this model (was the model config changed since it was "
+                                    "written?): 3.weight (2, 64) in the file, (3, 64) in the model; "
+                                    "3.bias (2,) in the file, (3,) in the model")
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())  # nothing loaded
+    with pytest.raises(CheckpointError, match=r"\?\): (\S+ only in the file; ){2}\S+ only in the file and 4 more$"):
+        load_checkpoint(tmp_path, model=nn.Sequential(nn.Identity(), nn.Identity(), nn.Identity(), nn.Linear(64, 2)))
     with pytest.raises(CheckpointError, match="no checkpoint here"):
         load_checkpoint(tmp_path / "missing")
 

@@ -231,11 +231,16 @@ def load_checkpoint(path: str | Path, *, model: nn.Module | None = None,
 
 
 def _load_model(model: nn.Module, state: dict[str, Tensor], folder: Path) -> None:
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
+    own = model.state_dict()
+    differences = [f"{k} {tuple(state[k].shape)} in the file, {tuple(v.shape)} in the model"
+                   for k, v in own.items() if k in state and state[k].shape != v.shape]
+    differences += [f"{k} only in the file" for k in state if k not in own]
+    differences += [f"{k} only in the model" for k in own if k not in state]
+    if differences:
+        more = f" and {len(differences) - 3} more" if len(differences) > 3 else ""
         raise CheckpointError(f"{folder}/{MODEL_FILE} does not fit this model (was the model config "
-                              f"changed since it was written?): {str(exc).splitlines()[0]}") from None
+                              f"changed since it was written?): {'; '.join(differences[:3])}{more}")
+    model.load_state_dict(state)
 
 
 def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict,
