@@ -306,6 +306,32 @@ def test_time_budget_respects_the_cap_and_time_spent_before_a_resume():
     assert budget.update(50, 10_000) == 50
 
 
+def test_a_finished_wall_time_run_is_extended_by_a_larger_budget(shapes, tmp_path, capsys):
+    """A run that ended at its deadline stopped at its own max_iter; resumed with more minutes
+    (or a larger cap), it trains on until the new deadline or the cap."""
+    out = tmp_path / "run"
+    first = train(tiny_config(shapes, out, val=False, max_minutes=0.001, max_iter=3), progress=False)
+    assert first["iterations"] < 3
+    assert read_checkpoint_info(out / "checkpoints")["extra"]["max_iter"] == first["iterations"]
+    capsys.readouterr()
+    result = train(tiny_config(shapes, out, val=False, max_minutes=1.0, max_iter=3), resume=True, progress=False)
+    assert "max_minutes 0.001 -> 1.0" in capsys.readouterr().out
+    assert result["iterations"] == 3 and read_checkpoint_info(out / "checkpoints")["iteration"] == 3
+    assert [r["iteration"] for r in rows(out)] == list(range(1, 4))
+    result = train(tiny_config(shapes, out, val=False, max_minutes=1.0, max_iter=3), resume=True, progress=False)
+    assert result["iterations"] == 3  # ended at its cap: nothing more to do
+
+
+def test_a_log_line_torn_by_a_kill_is_dropped_on_resume(shapes, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(Killed):
+        train(tiny_config(shapes, out, val=False), progress=False, callbacks=[kill_after(3)])
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"iteration": 4, "lr": 0.0')  # the kill came while the row was written
+    train(tiny_config(shapes, out, val=False), resume=True, progress=False)
+    assert [r["iteration"] for r in rows(out)] == [1, 2, 3, 4]
+
+
 def test_bf16_training_is_refused_without_bf16_instructions_and_resumes_exactly(shapes, tmp_path, monkeypatch):
     """bf16 keeps the weights channels-last while checkpoints are plain tensors: a killed and
     resumed bf16 run still logs and ends exactly as an uninterrupted one."""
@@ -365,6 +391,14 @@ def test_init_backbone_loads_imagenet_weights_from_a_pth_file(shapes, tmp_path):
     assert all(torch.equal(got[k], v) for k, v in imagenet.items() if k != "fc.weight")
     seed_everything(config.seed)  # what train() would have initialised without the file
     assert not torch.equal(build_model(config.model).backbone.body.conv1.weight, got["conv1.weight"])
+    del imagenet["layer4.1.bn2.bias"]
+    imagenet["layer1.0.conv1.weight"] = torch.zeros(64, 64, 1, 1)  # a ResNet-50's
+    torch.save(imagenet, tmp_path / "other.pth")
+    with pytest.raises(ConfigError, match=r"init_backbone: .*other.pth holds ResNet-18 weights, but the model's "
+                                          r"backbone is a ResNet-18 \(1 of its tensors not in the file, 1 in the "
+                                          r"file not in it or of another shape, e.g. layer1.0.conv1.weight "
+                                          r"\(64, 64, 1, 1\)\)"):
+        train(config, init_backbone=tmp_path / "other.pth", progress=False)
 
 
 def test_cpu_training_kernels_give_the_plain_models_losses_and_gradients(monkeypatch):

@@ -114,9 +114,10 @@ def train(config: Config, *, resume: bool = False, init_backbone: str | Path | N
 
     ``resume`` continues from ``output_dir/checkpoints`` exactly where it stopped (the same
     batches, random draws and learning rates as an uninterrupted run); a larger
-    ``solver.max_iter`` then extends the run, and ``metrics.jsonl`` keeps its rows up to the
-    checkpoint's iteration. The optimizer's state carries over and the solver settings are the
-    config's (the ones that changed are printed); another ``solver.optimizer`` is refused. A run
+    ``solver.max_iter``, or ``solver.max_minutes`` for a run bounded by wall time, then extends
+    the run, and ``metrics.jsonl`` keeps its rows up to the checkpoint's iteration. The
+    optimizer's state carries over and the solver settings are the config's (the ones that
+    changed are printed); another ``solver.optimizer`` is refused. A run
     that starts at iteration 0 in a used ``output_dir`` (without ``resume``, or with it but no
     checkpoint there) empties ``metrics.jsonl`` and overwrites ``config.yaml`` and, at the end,
     ``model_final.safetensors`` and ``results.json``. Without ``resume``, an earlier run's
@@ -233,7 +234,10 @@ class _Trainer:
         if init_backbone:
             from maskrcnn.interop.torchvision import load_backbone_weights
 
-            report = load_backbone_weights(self.model, init_backbone)  # torch.load(weights_only=True)
+            try:
+                report = load_backbone_weights(self.model, init_backbone)  # torch.load(weights_only=True)
+            except ValueError as e:
+                raise ConfigError(f"init_backbone: {e}") from None
             if self.main:
                 print(f"backbone weights from {init_backbone}: {report}")
         self.optimizer = build_optimizer(s, param_groups(self.model, s.weight_decay))
@@ -259,8 +263,11 @@ class _Trainer:
             self.start = info["iteration"]
             self.metrics = info["extra"].get("metrics")  # the AP the next checkpoints record
             spent = info["extra"].get("elapsed", 0.0)
-            if s.max_minutes > 0:
-                self.max_iter = info["extra"].get("max_iter", self.max_iter)
+            saved_max_iter = info["extra"].get("max_iter", s.max_iter)
+            if s.max_minutes > 0 and saved_max_iter > self.start:
+                # a run stopped before its end goes on along its own schedule; one that ended (at
+                # its deadline or its cap) is extended by a larger budget, re-sized as it runs
+                self.max_iter = min(saved_max_iter, s.max_iter)
             if self.main:
                 print(f"resumed from {info['path']} at iteration {self.start}")
                 if changed:
@@ -435,8 +442,15 @@ def _truncate_log(path: Path, iteration: int) -> None:
     """Keep the rows up to ``iteration`` (those a resumed run will not write again)."""
     if not path.is_file():
         return
-    rows = [line for line in path.read_text().splitlines()
-            if line.strip() and iteration and json.loads(line).get("iteration", 0) <= iteration]
+    rows = [line for line in path.read_text().splitlines() if iteration and _row_iteration(line) <= iteration]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(row + "\n" for row in rows))
     os.replace(tmp, path)
+
+
+def _row_iteration(line: str) -> float:
+    """The iteration of a log row; infinite for a line that is not a row (torn by a kill)."""
+    try:
+        return json.loads(line).get("iteration", 0)
+    except (ValueError, AttributeError):
+        return math.inf
