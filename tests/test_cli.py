@@ -166,6 +166,48 @@ def test_train_runs_a_tiny_config_and_prints_the_ap_table(shapes, tmp_path):
 def test_train_rejects_unknown_config_key(shapes):
     assert_user_error(*run("train", "small_cpu", "solver.learning_rate=0.1"), "unknown config key 'solver.learning_rate'")
     assert_user_error(*run("train", shapes / "missing.yaml"), "no such config file")
+    assert_user_error(*run("train", "small_cpu", "device=gpu"),
+                      "device: unknown device 'gpu'; expects one of auto, cpu, cuda, cuda:N")
+
+
+def test_train_takes_options_before_and_between_overrides():
+    assert_user_error(*run("train", "small_cpu", "--resume", "solver.max_iter=3", "solver.learning_rate=0.1"),
+                      "unknown config key 'solver.learning_rate'")
+    assert_user_error(*run("train", "small_cpu", "solver.max_iter=3", "--init-backbone", "r.pth", "solver.lr=0.1"),
+                      "unknown config key 'solver.lr'")
+
+
+def test_data_errors_name_the_record_and_the_field(shapes, tmp_path):
+    """A data error's first line says what to do; the lines after it name each problem."""
+    data = json.loads((shapes / "data" / "train.json").read_text())
+    annotation = data["annotations"][0]
+    annotation["bbox"][2] = -5
+    bad = tmp_path / "train.json"
+    bad.write_text(json.dumps(data))
+    images = f"data.train_images={shapes / 'data' / 'train'}"
+    code, _, err = run("train", "small_cpu", f"data.train_json={bad}", images)
+    assert code == 2 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert lines[0].startswith(f"maskrcnn train: error: 1 problem(s) in {bad}; fix them")
+    assert len(lines) == 2 and lines[1].startswith(f"{bad}: annotation {annotation['id']} (image "
+                                                   f"{annotation['image_id']}): bbox [")
+    assert lines[1].endswith("has non-positive width; COCO bbox is [x, y, width, height]")
+    code, _, err = run("train", "small_cpu", f"data.train_json={tmp_path / 'nope.json'}", images)
+    assert code == 2 and err.strip().splitlines() == [
+        f"maskrcnn train: error: {tmp_path / 'nope.json'} cannot be used as a COCO instances file:",
+        f"{tmp_path / 'nope.json'}: file: no such file; check the path to the annotation JSON"]
+
+
+@pytest.mark.parametrize("minutes", ["0", "-1", "nan", "x"])
+def test_demo_needs_a_time_budget_above_zero(minutes, capsys):
+    """Parsed only: a budget of 0 would mean none, and the demo would train for hours."""
+    from maskrcnn.cli import build_parser
+
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["demo", "--minutes", minutes])
+    assert info.value.code == 2
+    assert f"argument --minutes: expects a number of minutes above 0, got '{minutes}'" in capsys.readouterr().err
+    assert build_parser().parse_args(["demo", "--minutes", "0.5"]).minutes == 0.5
 
 
 def test_convert_from_torchvision_and_errors(tmp_path):
@@ -182,7 +224,16 @@ def test_convert_from_torchvision_and_errors(tmp_path):
     assert predictor.class_names == ["a", "b"] and predictor.model.num_classes == 2
     torch.save({"not": torch.zeros(1)}, tmp_path / "other.pth")
     assert_user_error(*run("convert", "--from", "torchvision", tmp_path / "other.pth", tmp_path / "x.safetensors"),
-                      "not a torchvision Mask R-CNN state dict")
+                      f"{tmp_path / 'other.pth'}: not a torchvision Mask R-CNN state dict")
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pth")  # a pickled module is never unpickled
+    assert_user_error(*run("convert", "--from", "torchvision", tmp_path / "module.pth", tmp_path / "x.safetensors"),
+                      f"{tmp_path / 'module.pth'}: not a state dict of tensors; save one with "
+                      "torch.save(model.state_dict(), path)")
+    faster = {k: v for k, v in model.state_dict().items() if "mask" not in k}  # a Faster R-CNN's keys
+    torch.save(faster, tmp_path / "faster.pth")
+    assert_user_error(*run("convert", "--from", "torchvision", tmp_path / "faster.pth", tmp_path / "x.safetensors"),
+                      "not a torchvision maskrcnn_resnet50_fpn state dict: missing roi_heads.mask_head.convs.0.weight")
+    assert not (tmp_path / "x.safetensors").exists()
     assert_user_error(*run("convert", "--from", "torchvision", tmp_path / "missing.pth", tmp_path / "x"),
                       "no such file")
 

@@ -1,4 +1,5 @@
-"""The ``maskrcnn`` command. A user's mistake ends with one line saying what to do, exit status 2."""
+"""The ``maskrcnn`` command. A user's mistake ends with one line saying what to do (followed by
+a data set's problems, one per line), exit status 2."""
 
 from __future__ import annotations
 
@@ -29,20 +30,24 @@ class UserError(Exception):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, _ = parser.parse_known_args(argv)
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
+    # the command's arguments again, options anywhere among them: `train CONFIG --resume key=value`
+    args = args.parser.parse_intermixed_args(argv[argv.index(args.command) + 1:],
+                                             argparse.Namespace(command=args.command))
     try:
         return args.handler(args) or 0
     except KeyboardInterrupt:
         print("maskrcnn: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - only user-facing error types become one line
+    except Exception as exc:  # noqa: BLE001 - only user-facing error types become a message
         if not _is_user_error(exc):
             raise
-        print(f"maskrcnn {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"maskrcnn {args.command}: error: {_message(exc)}", file=sys.stderr)
         return 2
 
 
@@ -67,12 +72,28 @@ def _is_user_error(exc: Exception) -> bool:
     return isinstance(exc, tuple(user))
 
 
-def _one_line(exc: Exception) -> str:
+def _message(exc: Exception) -> str:
+    """The error's text. A data error's first line says what to do; the lines after it name
+    each problem's record and field (``format_problems`` writes at most 20 of them)."""
     text = str(exc).strip() or type(exc).__name__
     if isinstance(exc, FileNotFoundError) and exc.filename:
         text = f"{exc.filename}: no such file or directory"
-    lines = text.splitlines()
+    return text
+
+
+def _one_line(exc: Exception) -> str:
+    lines = _message(exc).splitlines()
     return lines[0] if len(lines) == 1 else f"{lines[0]} (and {len(lines) - 1} more lines)"
+
+
+def _minutes(text: str) -> float:
+    """A time budget above 0 (a budget of 0 would mean none: the preset's 100,000 iterations)."""
+    try:
+        if float(text) > 0:
+            return float(text)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expects a number of minutes above 0, got {text!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,13 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, help: str, handler) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help, epilog=f"example:\n  {EXAMPLES[name]}",
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.set_defaults(handler=handler)
+        p.set_defaults(handler=handler, parser=p)
         return p
 
     p = command("demo", "Generate the built-in shapes set, train the small CPU model, evaluate it and "
                 "write overlays, metrics, curves and weights.", cmd_demo)
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    p.add_argument("--minutes", type=float, default=7.0, help="training time budget (default: 7)")
+    p.add_argument("--minutes", type=_minutes, default=7.0, help="training time budget (default: 7)")
     p.add_argument("--train", type=int, default=1000, help="training images to generate")
     p.add_argument("--val", type=int, default=200, help="validation images to generate")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
@@ -133,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="source", required=True, choices=["torchvision"])
     p.add_argument("input", help="torchvision maskrcnn_resnet50_fpn state dict (.pth)")
     p.add_argument("output", help="output .safetensors")
-    p.add_argument("--class-names", default=None, help="comma-separated names of the classes 1..K")
+    p.add_argument("--class-names", default=None,
+                   help="comma-separated names of the file's classes 1..K, one for each")
     return parser
 
 
@@ -166,15 +188,14 @@ def cmd_check_data(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from maskrcnn.interop.torchvision import from_torchvision, read_state_dict
+    from maskrcnn.interop.torchvision import from_torchvision
     from maskrcnn.weights import save_weights
 
     _require_file(args.input)
     try:
-        state = read_state_dict(args.input)
-        model = from_torchvision(state, verbose=False)
-    except (ValueError, RuntimeError) as exc:
-        raise UserError(f"{args.input}: {_one_line(exc)}") from None
+        model = from_torchvision(args.input, verbose=False)
+    except (ValueError, RuntimeError) as exc:  # the message names the file
+        raise UserError(_one_line(exc)) from None
     names = args.class_names.split(",") if args.class_names else None
     if names and len(names) != model.num_classes:
         raise UserError(f"--class-names has {len(names)} names but the weights have "
