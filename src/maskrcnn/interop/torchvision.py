@@ -32,6 +32,11 @@ _RENAMES = [
 ]
 
 
+# The layers whose shapes follow the number of classes.
+_CLASS_KEYS = {f"roi_heads.{layer}.{p}" for layer in ("box_predictor.cls_score", "box_predictor.bbox_pred",
+                                                      "mask_head.predictor") for p in ("weight", "bias")}
+
+
 def read_state_dict(source: str | Path | dict) -> dict[str, Tensor]:
     """A state dict from a dict, a ``.pth`` file (tensors only, never arbitrary objects) or
     a ``.safetensors`` file."""
@@ -40,15 +45,22 @@ def read_state_dict(source: str | Path | dict) -> dict[str, Tensor]:
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such weights file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    not_tensors = ValueError(f"{path}: not a state dict of tensors; save one with "
+                             "torch.save(model.state_dict(), path)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    data = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(str(path))
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise  # an unreadable file: the system's message says why
+    except Exception:  # noqa: BLE001 - pickle, zip and safetensors raise many types for other files
+        raise not_tensors from None
     if isinstance(data, dict) and "model" in data and isinstance(data["model"], dict):
         data = data["model"]  # torchvision's reference scripts save {"model": ..., "optimizer": ...}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a state dict, found {type(data).__name__}")
+    if not isinstance(data, dict) or not all(isinstance(v, Tensor) for v in data.values()):
+        raise not_tensors
     return data
 
 
@@ -56,8 +68,7 @@ def convert_state_dict(tv: dict[str, Tensor]) -> dict[str, Tensor]:
     """torchvision ``maskrcnn_resnet50_fpn`` keys and tensors -> this project's."""
     out = {}
     for key, value in tv.items():
-        for pattern, repl in _RENAMES:
-            key = re.sub(pattern, repl, key)
+        key = _our_key(key)
         if key.endswith("num_batches_tracked"):
             continue
         if key.startswith("roi_heads.box_predictor.bbox_pred."):
@@ -66,6 +77,12 @@ def convert_state_dict(tv: dict[str, Tensor]) -> dict[str, Tensor]:
             value = value[1:]  # drop the background mask channel
         out[key] = value
     return out
+
+
+def _our_key(key: str) -> str:
+    for pattern, repl in _RENAMES:
+        key = re.sub(pattern, repl, key)
+    return key
 
 
 def torchvision_config(tv: dict[str, Tensor], num_classes: int | None = None,
@@ -92,42 +109,88 @@ def from_torchvision(source: str | Path | dict, num_classes: int | None = None,
     """A model with torchvision's conventions from a ``maskrcnn_resnet50_fpn`` state dict.
 
     With ``num_classes`` different from the file's, every class-dependent layer keeps its
-    initial weights and the report lists them.
+    initial weights and the report lists them (under the file's keys and shapes). A file with
+    other layers (another depth, no mask head) is refused with a ValueError naming them.
 
     >>> model = from_torchvision("maskrcnn_resnet50_fpn_coco.pth")  # doctest: +SKIP
     """
     tv = read_state_dict(source)
+    name = "the state dict" if isinstance(source, dict) else str(source)
     if "roi_heads.box_predictor.cls_score.weight" not in tv:
-        raise ValueError("not a torchvision Mask R-CNN state dict: no "
+        raise ValueError(f"{name}: not a torchvision Mask R-CNN state dict: no "
                          "'roi_heads.box_predictor.cls_score.weight' key")
     cfg, state = torchvision_config(tv, num_classes, norm_eps), convert_state_dict(tv)
     model = build_model(cfg, random_init=False)
     report = load_matching(model, state)
-    if report.missing or report.mismatched:  # those layers keep their random initialisation
+    file_key = {_our_key(k): k for k in tv}
+    other = [file_key[k] for k in report.unexpected] + [
+        f"{file_key[k]} {theirs}" for k, theirs, _ in report.mismatched if k not in _CLASS_KEYS]
+    if report.missing or other:
+        raise ValueError(f"{name}: not a torchvision maskrcnn_resnet50_fpn state dict: " + "; ".join(
+            f"{what} {', '.join(keys[:3])}{f' ({len(keys)} in all)' if len(keys) > 3 else ''}"
+            for what, keys in (("missing", report.missing), ("not in the model:", other)) if keys))
+    if report.mismatched:  # the class-dependent layers keep their random initialisation
         model = build_model(cfg)
         report = load_matching(model, state)
+    report.mismatched = [(file_key[k], tuple(tv[file_key[k]].shape), ours) for k, _, ours in report.mismatched]
     model.load_report = report
-    if verbose and (report.missing or report.unexpected or report.mismatched):
+    if verbose and report.mismatched:
         print(report)
     return model
 
 
 def load_backbone_weights(model: MaskRCNN, source: str | Path | dict) -> LoadReport:
     """Load ImageNet ResNet weights (torchvision layout: conv1, bn1, layer1-4, fc) into the
-    body; for the C4 model ``layer4`` goes to the shared res5 head. ``fc`` is ignored."""
+    body; for the C4 model ``layer4`` goes to the shared res5 head. ``fc`` is ignored. Weights
+    that do not fill the backbone exactly (another depth or width, another kind of file) are
+    refused with a ValueError before anything is loaded, as is a model whose pixel conventions
+    or stride position are not the ones those weights were trained with (the paper preset's are
+    those of MSRA's Caffe weights)."""
+    changes = _torchvision_conventions(model.config)
+    if changes:
+        raise ValueError("torchvision's ImageNet ResNets take RGB pixels in [0, 1] normalised by "
+                         "ImageNet's mean and std, with the stride on the 3x3 conv; this model is set up "
+                         f"otherwise: set {' '.join(changes)}")
     sd = read_state_dict(source)
     c4 = model.roi_heads.res5 is not None
-    mapped = {}
-    for key, value in sd.items():
+    file_key = {}  # the model's key -> the file's
+    for key in sd:
         if key.startswith("fc.") or key.endswith("num_batches_tracked"):
             continue
         if c4 and key.startswith("layer4."):
-            mapped["roi_heads.res5." + key[len("layer4."):]] = value
+            file_key["roi_heads.res5." + key[len("layer4."):]] = key
         else:
-            mapped["backbone.body." + key] = value
-    report = load_matching(model, mapped, ignore_missing=("backbone.fpn", "rpn.", "roi_heads.box",
-                                                          "roi_heads.mask"))
-    if not report.loaded:
-        raise ValueError("no backbone tensor matched: expected torchvision ResNet keys "
-                         "such as 'conv1.weight' and 'layer1.0.conv1.weight'")
-    return report
+            file_key["backbone.body." + key] = key
+    own = model.state_dict()
+    missing = [k for k in own if k.startswith(("backbone.body.", "roi_heads.res5."))
+               and not k.endswith("num_batches_tracked") and k not in file_key]
+    other = [f"{key} {tuple(sd[key].shape)}" for k, key in file_key.items()
+             if k not in own or sd[key].shape != own[k].shape]
+    if missing or other:
+        name = "the state dict" if isinstance(source, dict) else source
+        blocks = {tuple(k.split(".")[:2]) for k in sd if k.startswith("layer")}
+        depth = 2 + len(blocks) * (3 if any(".conv3." in k for k in sd) else 2)  # 3 or 2 convs a block
+        holds = (f"ResNet-{depth} weights" if blocks
+                 else "no torchvision ResNet weights (keys such as 'layer1.0.conv1.weight')")
+        raise ValueError(f"{name} holds {holds}, but the model's backbone is a ResNet-"
+                         f"{model.config.backbone.depth} ({len(missing)} of its tensors not in the file, "
+                         f"{len(other)} in the file not in it or of another shape, e.g. "
+                         f"{', '.join((other or missing)[:2])}); pass torchvision's ImageNet "
+                         f"resnet{model.config.backbone.depth} weights, or set model.backbone.depth")
+    return load_matching(model, {k: sd[key] for k, key in file_key.items()},
+                         ignore_missing=("backbone.fpn", "rpn.", "roi_heads.box", "roi_heads.mask"))
+
+
+def _torchvision_conventions(cfg: ModelConfig) -> list[str]:
+    """The overrides that give a model config torchvision's pixel conventions and stride position."""
+    tv = torchvision_model()
+    changes = [f"model.input.{name}={_override_value(getattr(tv.input, name))}"
+               for name in ("channel_order", "pixel_scale", "pixel_mean", "pixel_std")
+               if getattr(cfg.input, name) != getattr(tv.input, name)]
+    if cfg.backbone.stride_in_1x1:
+        changes.append("model.backbone.stride_in_1x1=false")
+    return changes
+
+
+def _override_value(value) -> str:
+    return "[" + ",".join(map(str, value)) + "]" if isinstance(value, tuple) else str(value)
