@@ -97,3 +97,25 @@ def test_a_gpu_that_torch_does_not_see_is_a_config_error(monkeypatch):
         pick_device("cuda")
     with pytest.raises(ConfigError, match="unknown device 'gpu'"):
         Predictor(build_model(small_cpu_model(3)), device="gpu")
+
+
+def test_a_pil_image_or_an_array_reads_as_its_file_does(tmp_path):
+    """16-bit and EXIF-rotated images, given as PIL images, are read as from their files; a
+    uint16 array is scaled from its full range."""
+    import numpy as np
+    from PIL import Image
+
+    from maskrcnn.api import to_image_tensor
+
+    deep = (np.arange(12 * 20, dtype=np.uint16).reshape(12, 20) * 250).astype(np.uint16)
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    rotated = Image.fromarray(np.random.default_rng(0).integers(0, 255, (12, 20, 3), dtype=np.uint8))
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # displayed turned by 90 degrees
+    rotated.save(tmp_path / "rotated.jpg", exif=exif)
+    for name in ("deep.png", "rotated.jpg"):
+        with Image.open(tmp_path / name) as im:
+            assert torch.equal(to_image_tensor(im), to_image_tensor(tmp_path / name)), name
+    assert to_image_tensor(tmp_path / "rotated.jpg").shape == (3, 20, 12)
+    from_array = to_image_tensor(np.repeat(deep[..., None], 3, 2))
+    assert from_array.dtype == torch.uint8 and torch.equal(from_array, to_image_tensor(tmp_path / "deep.png"))

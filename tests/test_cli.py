@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
 from maskrcnn.config import replace_nested, small_cpu_model
 from maskrcnn.modeling.mask_rcnn import build_model
@@ -138,6 +139,31 @@ def test_predict_errors(shapes, weights, tmp_path):
     assert_user_error(*run("predict", bad, "--weights", weights, "--out", tmp_path), "cannot read this image")
     assert_user_error(*run("predict", bad, "--weights", tmp_path / "w.safetensors", "--out", tmp_path),
                       "no such file")
+    cut = tmp_path / "cut.jpg"
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(cut, quality=95)
+    cut.write_bytes(cut.read_bytes()[:-40])  # no end marker
+    out = tmp_path / "out"
+    assert_user_error(*run("predict", cut, "--weights", weights, "--out", out), "cannot read this image")
+    assert not out.exists()  # refused before any output
+    (tmp_path / "afile").write_text("")
+    assert_user_error(*run("predict", shapes / "data" / "val", "--weights", weights, "--out", tmp_path / "afile"),
+                      "afile: is a file, not a folder; pass another --out")
+    code, _, err = run("predict", shapes / "data" / "val", "--weights", weights, "--out", out,
+                       "--score-threshold", 2)
+    assert code == 2 and "expects a number from 0 to 1, got '2'" in err
+
+
+def test_mask_files_of_class_names_with_slashes_stay_in_the_output_folder(shapes, tmp_path):
+    torch.manual_seed(0)
+    cfg = replace_nested(small_cpu_model(3), **{"input.min_size_test": 128, "input.max_size": 192,
+                                               "roi_heads.score_thresh": 0.0})
+    weights = save_weights(tmp_path / "w.safetensors", build_model(cfg), class_names=["N/A", "a b", "c"])
+    out = tmp_path / "pred"
+    code, _, err = run("predict", shapes / "data" / "val", "--weights", weights, "--out", out,
+                       "--score-threshold", 0.0, "--save-masks")
+    assert code == 0, err
+    names = {p.name.split("_", 2)[-1] for p in out.glob("*_mask*.png")}
+    assert names <= {"N_A.png", "a_b.png", "c.png"} and names
 
 
 def test_eval_prints_the_ap_table_and_writes_results(shapes, weights, tmp_path):

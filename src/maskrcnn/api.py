@@ -11,9 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 from maskrcnn.config import ConfigError, check_device
+from maskrcnn.data.transforms import image_tensor, load_image, to_uint8
 from maskrcnn.modeling.mask_rcnn import MaskRCNN, build_model
 from maskrcnn.structures.instances import Instances
 from maskrcnn.weights import read_weights
@@ -34,25 +36,27 @@ def pick_device(device: str = "auto") -> torch.device:
 
 
 def to_image_tensor(image) -> Tensor:
-    """A path, PIL image, (H, W[, C]) array or (3, H, W) tensor -> (3, H, W) uint8/float RGB."""
+    """A path, PIL image, (H, W[, C]) array or (3, H, W) tensor -> (3, H, W) uint8/float RGB.
+
+    Files and PIL images are read as ``load_image`` reads them (upright, 8-bit RGB). An
+    integer array other than uint8 is scaled to 8 bits (uint16: its full range); a float array
+    is taken to hold values in [0, 1], as a float tensor is."""
     if isinstance(image, Tensor):
         return image
     if isinstance(image, (str, Path)):
-        from maskrcnn.data.transforms import load_image
-
         return load_image(image)
+    if isinstance(image, Image.Image):
+        return image_tensor(image)
     if isinstance(image, np.ndarray):
         array = image
         if array.ndim == 2:
             array = np.repeat(array[..., None], 3, axis=2)
         if array.ndim != 3 or array.shape[2] not in (3, 4):
             raise ValueError(f"expected an (H, W, 3) RGB array, got shape {array.shape}")
+        if array.dtype.kind in "iu" and array.dtype != np.uint8:
+            array = to_uint8(array, sixteen_bit=array.dtype == np.uint16)
         tensor = torch.from_numpy(array[..., :3].copy()).permute(2, 0, 1)  # owned and writable
         return tensor if tensor.dtype == torch.uint8 else tensor.float()
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
     raise TypeError(f"cannot read an image from {type(image).__name__}")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -96,6 +97,16 @@ def _minutes(text: str) -> float:
     raise argparse.ArgumentTypeError(f"expects a number of minutes above 0, got {text!r}")
 
 
+def _fraction(text: str) -> float:
+    """A score threshold, from 0 to 1."""
+    try:
+        if 0 <= float(text) <= 1:
+            return float(text)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expects a number from 0 to 1, got {text!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maskrcnn", description="Mask R-CNN: train, evaluate, segment.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -132,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
     p.add_argument("--weights", required=True, help="weight file (.safetensors)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--score-threshold", type=float, default=0.5)
+    p.add_argument("--score-threshold", type=_fraction, default=0.5)
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=1,
                    help="images per model call on a GPU; on the CPU each image runs on its own")
@@ -216,8 +227,7 @@ def cmd_predict(args) -> int:
     for path in paths:  # fail before any output, with one line, if a file is not an image
         _check_image(path)
     predictor = _load_predictor(args.weights, args.device, args.score_threshold, args.bf16)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _output_dir(args.out)
     names = output_names(paths)
     results = []
     batch = max(1, args.batch_size)
@@ -271,7 +281,8 @@ def _coco_results(inst, image_id: int, path: Path, category_ids: list[int]) -> l
 
 
 def _save_masks(inst, out: Path, name: str) -> None:
-    """One black and white PNG per instance: ``{name}_mask{i:03d}_{class name}.png``, 0 or 255.
+    """One black and white PNG per instance: ``{name}_mask{i:03d}_{class name}.png``, 0 or 255;
+    characters of the class name other than letters, digits, ``.`` and ``-`` become ``_``.
 
     Each is written from one buffer, filled and cleared over the mask's region only, at zlib
     level 1: a 4000x3000 photo's mask in 32 ms instead of 86 ms, in 53 KB instead of 12 KB."""
@@ -283,7 +294,8 @@ def _save_masks(inst, out: Path, name: str) -> None:
     buffer = np.zeros((h, w), np.uint8)
     for i, (mask, class_name, (x0, y0, x1, y1)) in enumerate(zip(inst.masks, inst.class_names, regions)):
         buffer[y0:y1, x0:x1] = mask[y0:y1, x0:x1].numpy() * np.uint8(255)
-        Image.fromarray(buffer).save(out / f"{name}_mask{i:03d}_{class_name}.png", compress_level=1)
+        safe_name = re.sub(r"[^\w.-]+", "_", class_name)  # "N/A" -> "N_A"
+        Image.fromarray(buffer).save(out / f"{name}_mask{i:03d}_{safe_name}.png", compress_level=1)
         buffer[y0:y1, x0:x1] = 0
 
 
@@ -301,9 +313,7 @@ def cmd_eval(args) -> int:
         raise UserError(f"{args.weights} does not predict categories {shown} of {args.annotations} "
                         f"(it predicts {predictor.model.num_classes} categories, the data has "
                         f"{dataset.num_classes}); use weights trained on this data")
-    out = Path(args.out) if args.out else None
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
+    out = _output_dir(args.out) if args.out else None
     metrics = evaluate(predictor.model, dataset, device=predictor.device, category_ids=predictor.category_ids,
                        out_json=out / "results.json" if out else None)
     print(format_table(metrics))
@@ -366,11 +376,10 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
 
 
 def _check_image(path: Path) -> None:
-    from PIL import Image
+    from maskrcnn.data.validate import read_image_header
 
     try:
-        with Image.open(path) as im:
-            im.verify()
+        read_image_header(path)
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for unreadable files
         raise UserError(f"{path}: cannot read this image ({_one_line(exc)})") from None
 
@@ -397,6 +406,14 @@ def _load_predictor(weights: str, device: str, score_threshold: float, bf16: boo
 def _require_file(path: str) -> None:
     if not Path(path).is_file():
         raise UserError(f"{path}: no such file")
+
+
+def _output_dir(path: str) -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: is a file, not a folder; pass another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def _require_dir(path: str) -> None:

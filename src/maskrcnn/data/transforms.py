@@ -20,27 +20,35 @@ _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
 
 
 def load_image(path: str | Path) -> Tensor:
-    """(3, H, W) uint8 RGB, upright per the EXIF orientation.
-
-    Grayscale, palette, LA/RGBA (alpha dropped: the colour channels are what annotators saw),
-    CMYK and 16-bit images become 8-bit RGB. 16-bit data maps its full range [0, 65535] to
-    [0, 255]; 32-bit integer or float images are taken as 8-bit if their values fit, as 16-bit
-    if they fit that, and are min-max scaled otherwise.
+    """(3, H, W) uint8 RGB of an image file, as ``image_tensor`` reads it.
 
     >>> load_image("photo.jpg").shape  # doctest: +SKIP
     torch.Size([3, 480, 640])
     """
     with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode in _SIXTEEN_BIT or im.mode in ("I", "F"):
-            im = Image.fromarray(_to_uint8(np.asarray(im), sixteen_bit=im.mode in _SIXTEEN_BIT))
-        elif im.mode == "P" and "transparency" in im.info:
-            im = im.convert("RGBA")  # palette transparency must go through RGBA to be dropped cleanly
-        rgb = np.asarray(im.convert("RGB"))
+        return image_tensor(im)
+
+
+def image_tensor(im: Image.Image) -> Tensor:
+    """(3, H, W) uint8 RGB of a PIL image, upright per its EXIF orientation.
+
+    Grayscale, palette, LA/RGBA (alpha dropped: the colour channels are what annotators saw),
+    CMYK and 16-bit images become 8-bit RGB. 16-bit data maps its full range [0, 65535] to
+    [0, 255]; 32-bit integer or float images are taken as 8-bit if their values fit, as 16-bit
+    if they fit that, and are min-max scaled otherwise (``to_uint8``).
+    """
+    im = ImageOps.exif_transpose(im)
+    if im.mode in _SIXTEEN_BIT or im.mode in ("I", "F"):
+        im = Image.fromarray(to_uint8(np.asarray(im), sixteen_bit=im.mode in _SIXTEEN_BIT))
+    elif im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")  # palette transparency must go through RGBA to be dropped cleanly
+    rgb = np.asarray(im.convert("RGB"))
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
 
 
-def _to_uint8(array: np.ndarray, sixteen_bit: bool) -> np.ndarray:
+def to_uint8(array: np.ndarray, sixteen_bit: bool) -> np.ndarray:
+    """Pixel values of another depth as uint8: the 16-bit range, 0-255 or 0-65535 where the
+    values fit them, else their own minimum to maximum, onto 0-255."""
     a = array.astype(np.float64)
     if sixteen_bit:
         top, low = 65535.0, 0.0

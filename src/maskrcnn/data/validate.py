@@ -429,21 +429,27 @@ def _ends_with(path: Path, marker: bytes) -> bool:
         return f.read() == marker
 
 
+def read_image_header(path: Path) -> tuple[tuple[int, int], int]:
+    """The stored (width, height) and EXIF orientation of an image file whose data is whole;
+    Pillow's error for a damaged or truncated one."""
+    with Image.open(path) as im:
+        im.verify()  # must come straight after open; the file is opened again to read the size
+    with Image.open(path) as im:
+        size, orientation = im.size, im.getexif().get(_EXIF_ORIENTATION, 1)
+        if not (im.format == "JPEG" and _ends_with(path, b"\xff\xd9")):
+            # verify() checks some formats only; decoding finds a truncated JPEG, BMP or TIFF
+            im.draft("RGB", (1, 1))  # a JPEG decodes at 1/8 scale, still reading every byte
+            im.load()
+    return size, orientation
+
+
 def _image_file_problem(path: Path, img: dict) -> tuple[str, str] | None:
     if not path.is_file():
         return "image-missing", f"file not found at {path}; check file_name and the image directory"
     if path.stat().st_size == 0:
         return "image-empty", f"{path} is a 0-byte file; copy the image again"
     try:
-        with Image.open(path) as im:
-            im.verify()  # must come straight after open; the file is opened again to read the size
-        with Image.open(path) as im:
-            stored = im.size
-            orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
-            if not (im.format == "JPEG" and _ends_with(path, b"\xff\xd9")):
-                # verify() checks some formats only; decoding finds a truncated JPEG, BMP or TIFF
-                im.draft("RGB", (1, 1))  # a JPEG decodes at 1/8 scale, still reading every byte
-                im.load()
+        stored, orientation = read_image_header(path)
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for damaged files
         return "image-corrupt", f"{path} cannot be read as an image ({type(exc).__name__}: " \
                                 f"{str(exc)[:80]}); replace or remove it"
