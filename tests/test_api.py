@@ -119,3 +119,9 @@ def test_a_pil_image_or_an_array_reads_as_its_file_does(tmp_path):
     assert to_image_tensor(tmp_path / "rotated.jpg").shape == (3, 20, 12)
     from_array = to_image_tensor(np.repeat(deep[..., None], 3, 2))
     assert from_array.dtype == torch.uint8 and torch.equal(from_array, to_image_tensor(tmp_path / "deep.png"))
+
+
+def test_a_torch_device_object_is_taken_as_it_is():
+    assert pick_device(torch.device("cpu")) == torch.device("cpu")
+    model = build_model(small_cpu_model(3))
+    assert Predictor(model, device=torch.device("cpu")).device == torch.device("cpu")

@@ -113,7 +113,7 @@ def test_unknown_choices_are_refused_listing_the_allowed_values(override, messag
     assert str(info.value) == message
 
 
-@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1"])
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1", "mps"])
 def test_every_device_name_is_accepted(device):
     assert apply_overrides(Config(), [f"device={device}"]).device == device
 

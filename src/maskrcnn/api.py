@@ -21,9 +21,9 @@ from maskrcnn.structures.instances import Instances
 from maskrcnn.weights import read_weights
 
 
-def pick_device(device: str = "auto") -> torch.device:
-    """``"auto"`` is the GPU when there is one, else the CPU; ``ConfigError`` for another name
-    than auto, cpu, cuda and cuda:N, or a GPU that torch does not see."""
+def pick_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` is the GPU when there is one, else the CPU; ``ConfigError`` for a name torch
+    does not know, or a CUDA GPU that torch does not see."""
     check_device(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

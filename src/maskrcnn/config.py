@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -79,10 +78,16 @@ def _one_of(config: Any, section: str, name: str, allowed: tuple) -> None:
                           f"expects one of {', '.join(map(str, allowed))}")
 
 
-def check_device(device: str) -> None:
-    """Refuse a device other than auto, cpu, cuda and cuda:N (N: a GPU's index)."""
-    if not (isinstance(device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", device)):
-        raise ConfigError(f"device: unknown device {device!r}; expects one of auto, cpu, cuda, cuda:N")
+def check_device(device) -> None:
+    """Refuse a device that is neither "auto" nor one torch names (cpu, cuda, cuda:N, mps, ...)."""
+    import torch
+
+    if device == "auto" or isinstance(device, torch.device):
+        return
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device: unknown device {device!r}; expects one of auto, cpu, cuda, cuda:N") from None
 
 
 @dataclass(frozen=True)

@@ -394,8 +394,8 @@ def test_init_backbone_loads_imagenet_weights_from_a_pth_file(shapes, tmp_path):
     del imagenet["layer4.1.bn2.bias"]
     imagenet["layer1.0.conv1.weight"] = torch.zeros(64, 64, 1, 1)  # a ResNet-50's
     torch.save(imagenet, tmp_path / "other.pth")
-    with pytest.raises(ConfigError, match=r"init_backbone: .*other.pth holds ResNet-18 weights, but the model's "
-                                          r"backbone is a ResNet-18 \(1 of its tensors not in the file, 1 in the "
+    with pytest.raises(ConfigError, match=r"init_backbone: .*other.pth holds ResNet-18 weights that do not fit "
+                                          r"the model's backbone \(1 of its tensors not in the file, 1 in the "
                                           r"file not in it or of another shape, e.g. layer1.0.conv1.weight "
                                           r"\(64, 64, 1, 1\)\)"):
         train(config, init_backbone=tmp_path / "other.pth", progress=False)

@@ -122,6 +122,21 @@ def test_backbone_weights_are_refused_for_a_model_with_the_papers_conventions(tm
                                       and not k.endswith("num_batches_tracked")])
 
 
+def test_backbone_weights_load_into_a_group_norm_backbone_without_their_running_statistics(tmp_path):
+    from torchvision.models import resnet18
+
+    from maskrcnn.config import replace_nested
+
+    torch.save(resnet18().state_dict(), tmp_path / "r18.pth")
+    model = build_model(replace_nested(small_cpu_model(3), **{"backbone.norm": "GN"}))
+    report = load_backbone_weights(model, tmp_path / "r18.pth")
+    tv = torch.load(tmp_path / "r18.pth")
+    body = model.backbone.body.state_dict()
+    assert torch.equal(body["bn1.weight"], tv["bn1.weight"]) and torch.equal(body["layer4.1.conv2.weight"],
+                                                                             tv["layer4.1.conv2.weight"])
+    assert not any(k.endswith("running_mean") for k in report.loaded)
+
+
 def test_a_detection_model_file_is_not_backbone_weights(small, tv_state):
     with pytest.raises(ValueError, match="^the state dict holds no torchvision ResNet weights"):
         load_backbone_weights(small, tv_state)

@@ -38,8 +38,9 @@ def test_train_step_and_inference_shapes(fpn):
 
 
 def test_the_paper_preset_trains_and_predicts_non_empty_boxes():
-    """Detectron2's conventions end to end: BGR 0-255 input, rounded PIL-like resizing, nominal
-    anchor strides, L1 losses normalised by the sampling budget, empty detections dropped."""
+    """Detectron2's conventions together (each is tested on its own elsewhere): BGR 0-255 input,
+    rounded PIL-like resizing, nominal anchor strides, L1 losses normalised by the sampling
+    budget, empty detections dropped."""
     torch.manual_seed(0)
     cfg = replace_nested(paper_model(num_classes=2), **{
         "input.min_size_train": (112,), "input.min_size_test": 112, "input.max_size": 160,

@@ -323,7 +323,7 @@ def _segmentation_problems(seg, image: dict | None) -> list[tuple[str, str]]:
     if seg is None or seg == []:
         return []  # the box stands in for the mask
     if isinstance(seg, list):
-        if _numbers(seg):
+        if not isinstance(seg[0], list) and _numbers(seg):
             return [("polygon", "segmentation is one flat list of numbers; it must be a list of polygons: "
                                 "wrap it as [[x0, y0, x1, y1, ...]]")]
         out = []

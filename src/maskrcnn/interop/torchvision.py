@@ -164,19 +164,26 @@ def load_backbone_weights(model: MaskRCNN, source: str | Path | dict) -> LoadRep
     own = model.state_dict()
     missing = [k for k in own if k.startswith(("backbone.body.", "roi_heads.res5."))
                and not k.endswith("num_batches_tracked") and k not in file_key]
+    def norm_without_statistics(k: str) -> bool:  # BN's running statistics for a GN layer
+        return k.endswith(("running_mean", "running_var")) and k.rsplit(".", 1)[0] + ".weight" in own
+
+    file_key = {k: key for k, key in file_key.items() if k in own or not norm_without_statistics(k)}
     other = [f"{key} {tuple(sd[key].shape)}" for k, key in file_key.items()
              if k not in own or sd[key].shape != own[k].shape]
     if missing or other:
         name = "the state dict" if isinstance(source, dict) else source
+        ours = model.config.backbone.depth
         blocks = {tuple(k.split(".")[:2]) for k in sd if k.startswith("layer")}
         depth = 2 + len(blocks) * (3 if any(".conv3." in k for k in sd) else 2)  # 3 or 2 convs a block
-        holds = (f"ResNet-{depth} weights" if blocks
-                 else "no torchvision ResNet weights (keys such as 'layer1.0.conv1.weight')")
-        raise ValueError(f"{name} holds {holds}, but the model's backbone is a ResNet-"
-                         f"{model.config.backbone.depth} ({len(missing)} of its tensors not in the file, "
-                         f"{len(other)} in the file not in it or of another shape, e.g. "
-                         f"{', '.join((other or missing)[:2])}); pass torchvision's ImageNet "
-                         f"resnet{model.config.backbone.depth} weights, or set model.backbone.depth")
+        if not blocks:
+            what = "holds no torchvision ResNet weights (keys such as 'layer1.0.conv1.weight')"
+        elif depth != ours:
+            what = f"holds ResNet-{depth} weights, but the model's backbone is a ResNet-{ours}"
+        else:
+            what = f"holds ResNet-{depth} weights that do not fit the model's backbone"
+        raise ValueError(f"{name} {what} ({len(missing)} of its tensors not in the file, {len(other)} in "
+                         f"the file not in it or of another shape, e.g. {', '.join((other or missing)[:2])}); "
+                         f"pass torchvision's ImageNet resnet{ours} weights, or set model.backbone.depth")
     return load_matching(model, {k: sd[key] for k, key in file_key.items()},
                          ignore_missing=("backbone.fpn", "rpn.", "roi_heads.box", "roi_heads.mask"))
 
