@@ -164,6 +164,10 @@ def test_mask_files_of_class_names_with_slashes_stay_in_the_output_folder(shapes
     assert code == 0, err
     names = {p.name.split("_", 2)[-1] for p in out.glob("*_mask*.png")}
     assert names <= {"N_A.png", "a_b.png", "c.png"} and names
+    code, _, err = run("predict", shapes / "data" / "val", "--weights", weights, "--out", out,
+                       "--score-threshold", 1.0, "--save-masks")
+    assert code == 0, err
+    assert not list(out.glob("*_mask*.png"))  # no instance now, and the earlier run's masks are gone
 
 
 def test_eval_prints_the_ap_table_and_writes_results(shapes, weights, tmp_path):

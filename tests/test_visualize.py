@@ -1,8 +1,9 @@
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
 from maskrcnn.structures.instances import Instances
-from maskrcnn.visualize import instance_colours, overlay
+from maskrcnn.visualize import _label_font, instance_colours, overlay
 
 
 def test_overlay_blends_each_mask_in_turn_where_it_is_set():
@@ -31,3 +32,24 @@ def test_overlay_blends_each_mask_in_turn_where_it_is_set():
     # with the regions the masks were pasted into, the same picture
     inst.mask_regions = torch.tensor([[10, 5, 30, 20], [20, 10, 60, 40], [0, 0, 0, 0]])
     assert np.array_equal(np.asarray(overlay(image, inst)), got)
+
+
+def test_labels_are_backed_as_wide_as_their_text_and_a_mismatched_image_is_refused():
+    import pytest
+
+    image = torch.full((3, 60, 200), 255, dtype=torch.uint8)
+    masks = torch.zeros(2, 60, 200, dtype=torch.bool)
+    boxes = torch.tensor([[2.0, 20.0, 30.0, 50.0], [130.0, 20.0, 150.0, 50.0]])  # labels apart
+    inst = Instances(boxes, torch.tensor([1, 2]), [1, 2], ["MMMMMMMM", "círculo"], torch.tensor([0.93, 0.5]),
+                     masks)
+    got = np.asarray(overlay(image, inst))
+    for box, name, colour in zip(boxes.tolist(), ["MMMMMMMM 0.93", "círculo 0.50"], instance_colours(2)):
+        x0, y0 = int(box[0]), int(box[1]) - 13
+        row = got[y0 + 4:y0 + 12, x0:].reshape(-1, 3)  # the label's band
+        band = got[y0:y0 + 13, x0:]
+        coloured = np.flatnonzero(np.all(band == colour, -1).any(0))  # columns with background
+        text = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), name, font=_label_font())
+        assert coloured.max() + 1 >= text[2], name  # the background reaches the text's end
+        assert (row == 0).all(-1).any(), name  # black text is drawn on it
+    with pytest.raises(ValueError, match=r"the masks are \(60, 200\) \(H, W\) but the image is \(200, 60\)"):
+        overlay(image.transpose(1, 2), inst)

@@ -222,7 +222,7 @@ def cmd_predict(args) -> int:
 
     from maskrcnn.visualize import overlay
 
-    _require_file(args.weights)
+    _require_file(args.weights)  # before the inputs are read
     paths = expand_inputs(args.inputs)
     for path in paths:  # fail before any output, with one line, if a file is not an image
         _check_image(path)
@@ -282,13 +282,16 @@ def _coco_results(inst, image_id: int, path: Path, category_ids: list[int]) -> l
 
 def _save_masks(inst, out: Path, name: str) -> None:
     """One black and white PNG per instance: ``{name}_mask{i:03d}_{class name}.png``, 0 or 255;
-    characters of the class name other than letters, digits, ``.`` and ``-`` become ``_``.
+    characters of the class name other than letters, digits, ``.`` and ``-`` become ``_``. The
+    masks an earlier run wrote there for ``name`` are removed first.
 
     Each is written from one buffer, filled and cleared over the mask's region only, at zlib
     level 1: a 4000x3000 photo's mask in 32 ms instead of 86 ms, in 53 KB instead of 12 KB."""
     import numpy as np
     from PIL import Image
 
+    for stale in out.glob(f"{glob.escape(name)}_mask*.png"):
+        stale.unlink()
     h, w = inst.masks.shape[1:]
     regions = [(0, 0, w, h)] * len(inst) if inst.mask_regions is None else inst.mask_regions.tolist()
     buffer = np.zeros((h, w), np.uint8)

@@ -37,6 +37,8 @@ def run_demo(out: Path, *, minutes: float = 7.0, n_train: int = 1000, n_val: int
     if not (data / "train.json").is_file() or not (data / "val.json").is_file():
         print(f"generating the shapes data set ({n_train} train / {n_val} val images) in {data}/")
         make_shapes(data, n_train, n_val, seed)
+    else:
+        print(f"using the shapes data set already in {data}/ (delete it to generate it again)")
     config = demo_config(out, minutes, device)
     print(f"training the small CPU model for {minutes:g} minutes")
     result = train(config)

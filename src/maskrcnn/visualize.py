@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import colorsys
+import functools
 import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from maskrcnn.structures.instances import Instances
 from maskrcnn.structures.masks import mask_extent
@@ -30,6 +31,9 @@ def overlay(image, instances: Instances, alpha: float = 0.5) -> Image.Image:
     from maskrcnn.api import to_image_tensor
 
     tensor = to_image_tensor(image)
+    if len(instances) and tuple(instances.masks.shape[1:]) != tuple(tensor.shape[1:]):
+        raise ValueError(f"the masks are {tuple(instances.masks.shape[1:])} (H, W) but the image is "
+                         f"{tuple(tensor.shape[1:])}; pass the image the instances were predicted on")
     array = tensor.permute(1, 2, 0).cpu().numpy()
     if array.dtype != np.uint8:
         array = (np.clip(array, 0, 1) * 255).astype(np.uint8)
@@ -46,14 +50,26 @@ def overlay(image, instances: Instances, alpha: float = 0.5) -> Image.Image:
             np.copyto(pixels, (1 - alpha) * pixels + alpha * np.array(colour, np.float32), where=inside)
     picture = Image.fromarray(canvas.astype(np.uint8))
     draw = ImageDraw.Draw(picture)
+    font = _label_font()
     for box, name, score, colour in zip(instances.boxes.tolist(), instances.class_names,
                                         instances.scores.tolist(), colours):
         draw.rectangle(box, outline=colour, width=2)
         label = f"{name} {score:.2f}"
-        x, y = box[0], max(0, box[1] - 11)
-        draw.rectangle([x, y, x + 6 * len(label) + 2, y + 10], fill=colour)
-        draw.text((x + 1, y - 1), label, fill=(0, 0, 0))
+        x, y = box[0], max(0, box[1] - 13)
+        draw.rectangle(draw.textbbox((x + 1, y), label, font=font), fill=colour)  # as wide as the text
+        draw.text((x + 1, y), label, fill=(0, 0, 0), font=font)
     return picture
+
+
+@functools.lru_cache(maxsize=1)
+def _label_font() -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """DejaVu Sans (matplotlib's, covering Latin, Greek and Cyrillic letters), else Pillow's own."""
+    from matplotlib import font_manager
+
+    try:
+        return ImageFont.truetype(font_manager.findfont("DejaVu Sans", fallback_to_default=False), 11)
+    except (OSError, ValueError):
+        return ImageFont.load_default(size=11)
 
 
 def plot_training_curves(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
