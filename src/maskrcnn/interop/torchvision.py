@@ -164,10 +164,9 @@ def load_backbone_weights(model: MaskRCNN, source: str | Path | dict) -> LoadRep
     own = model.state_dict()
     missing = [k for k in own if k.startswith(("backbone.body.", "roi_heads.res5."))
                and not k.endswith("num_batches_tracked") and k not in file_key]
-    def norm_without_statistics(k: str) -> bool:  # BN's running statistics for a GN layer
-        return k.endswith(("running_mean", "running_var")) and k.rsplit(".", 1)[0] + ".weight" in own
-
-    file_key = {k: key for k, key in file_key.items() if k in own or not norm_without_statistics(k)}
+    # BN's running statistics have no place in a norm without them (GN): left out
+    file_key = {k: key for k, key in file_key.items() if k in own or not (
+        k.endswith(("running_mean", "running_var")) and k.rsplit(".", 1)[0] + ".weight" in own)}
     other = [f"{key} {tuple(sd[key].shape)}" for k, key in file_key.items()
              if k not in own or sd[key].shape != own[k].shape]
     if missing or other:

@@ -107,8 +107,9 @@ def mask_targets(gt_masks, boxes: Tensor, matched: Tensor, size: int, mode: str)
     ``mode="roi_align_soft"`` gives torchvision's soft targets (legacy RoIAlign, adaptive
     sampling, no threshold); a structure's matched instances are decoded whole at their own
     resolution (torchvision first resizes its dense masks to the network's input, so where the
-    image was resized its values differ along the edges). ``mode="binary"`` rasterises a structure inside each RoI (``crop_and_resize``) or
-    thresholds a tensor's aligned RoIAlign at 0.5. ``boxes`` (R, 4) are in the masks' pixel
+    image was resized its values differ along the edges). ``mode="binary"`` rasterises a
+    structure inside each RoI (``crop_and_resize``) or thresholds a tensor's aligned RoIAlign
+    at 0.5. ``boxes`` (R, 4) are in the masks' pixel
     coordinates; ``matched`` (R,) indexes the G instances.
     """
     if boxes.shape[0] == 0:
