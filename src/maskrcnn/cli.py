@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import re
 import sys
 from collections import Counter
@@ -87,24 +88,22 @@ def _one_line(exc: Exception) -> str:
     return lines[0] if len(lines) == 1 else f"{lines[0]} (and {len(lines) - 1} more lines)"
 
 
-def _minutes(text: str) -> float:
-    """A time budget above 0 (a budget of 0 would mean none: the preset's 100,000 iterations)."""
-    try:
-        if float(text) > 0:
-            return float(text)
-    except ValueError:
-        pass
-    raise argparse.ArgumentTypeError(f"expects a number of minutes above 0, got {text!r}")
+def _number(accept, expected: str):
+    """An argparse type: a number that ``accept`` takes, else an error saying what it ``expected``."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan  # accepted by no test
+        if accept(value):
+            return value
+        raise argparse.ArgumentTypeError(f"expects {expected}, got {text!r}")
+    return parse
 
 
-def _fraction(text: str) -> float:
-    """A score threshold, from 0 to 1."""
-    try:
-        if 0 <= float(text) <= 1:
-            return float(text)
-    except ValueError:
-        pass
-    raise argparse.ArgumentTypeError(f"expects a number from 0 to 1, got {text!r}")
+# a demo budget of 0 would mean none: the preset's 100,000 iterations
+_minutes = _number(lambda v: v > 0, "a number of minutes above 0")
+_fraction = _number(lambda v: 0 <= v <= 1, "a number from 0 to 1")
 
 
 def build_parser() -> argparse.ArgumentParser:

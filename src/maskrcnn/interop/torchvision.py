@@ -115,7 +115,7 @@ def from_torchvision(source: str | Path | dict, num_classes: int | None = None,
     >>> model = from_torchvision("maskrcnn_resnet50_fpn_coco.pth")  # doctest: +SKIP
     """
     tv = read_state_dict(source)
-    name = "the state dict" if isinstance(source, dict) else str(source)
+    name = _source_name(source)
     if "roi_heads.box_predictor.cls_score.weight" not in tv:
         raise ValueError(f"{name}: not a torchvision Mask R-CNN state dict: no "
                          "'roi_heads.box_predictor.cls_score.weight' key")
@@ -170,7 +170,7 @@ def load_backbone_weights(model: MaskRCNN, source: str | Path | dict) -> LoadRep
     other = [f"{key} {tuple(sd[key].shape)}" for k, key in file_key.items()
              if k not in own or sd[key].shape != own[k].shape]
     if missing or other:
-        name = "the state dict" if isinstance(source, dict) else source
+        name = _source_name(source)
         ours = model.config.backbone.depth
         blocks = {tuple(k.split(".")[:2]) for k in sd if k.startswith("layer")}
         depth = 2 + len(blocks) * (3 if any(".conv3." in k for k in sd) else 2)  # 3 or 2 convs a block
@@ -185,6 +185,10 @@ def load_backbone_weights(model: MaskRCNN, source: str | Path | dict) -> LoadRep
                          f"pass torchvision's ImageNet resnet{ours} weights, or set model.backbone.depth")
     return load_matching(model, {k: sd[key] for k, key in file_key.items()},
                          ignore_missing=("backbone.fpn", "rpn.", "roi_heads.box", "roi_heads.mask"))
+
+
+def _source_name(source: str | Path | dict) -> str:
+    return "the state dict" if isinstance(source, dict) else str(source)
 
 
 def _torchvision_conventions(cfg: ModelConfig) -> list[str]:
